@@ -1,0 +1,127 @@
+"""Pure tensor math of the AsFT regulariser. No Lightning, no PEFT: tensors in, tensors out.
+
+Shapes follow PEFT: ``lora_A`` is ``(r, d_in)``, ``lora_B`` is ``(d_out, r)``, so the LoRA update is
+``dW = s * B @ A`` with ``s = alpha / r``. No function here ever builds a ``d_out x d_out`` matrix:
+
+* ``||X A||_F^2 = sum((X^T X) * (A A^T))`` costs ``O((d_out + d_in) r^2)`` once ``X`` (``d_out x r``) is known;
+* the published projector ``C = V V^T / ||V||_F`` is applied as ``C B = V (V^T B) / ||V||_F`` in
+  ``O(d_out d_in r)``;
+* a low-rank projector ``C = U diag(w) U^T`` is applied as ``U (w * (U^T B))`` in ``O(d_out k r)``.
+
+Every function is differentiable and keeps the dtype of its inputs (float64 in, float64 out).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "asft_penalty",
+    "frobenius_of_product",
+    "lowrank_apply",
+    "lowrank_penalty",
+    "safelora_apply",
+    "sign_aware_penalty",
+    "subspace_penalty",
+    "update_alignment",
+    "update_energy",
+]
+
+
+def frobenius_of_product(left: Tensor, right: Tensor) -> Tensor:
+    """``||left @ right||_F^2`` for a tall ``left`` (``m x r``) and wide ``right`` (``r x n``).
+
+    Uses the Gram identity ``||L R||_F^2 = sum((L^T L) * (R R^T))`` so the ``m x n`` product is never formed.
+    """
+    return ((left.mT @ left) * (right @ right.mT)).sum()
+
+
+def update_energy(lora_A: Tensor, lora_B: Tensor) -> Tensor:
+    """``||B A||_F^2``: the squared size of the (unscaled) LoRA update."""
+    return frobenius_of_product(lora_B, lora_A)
+
+
+def safelora_apply(matrix: Tensor, direction: Tensor, direction_norm: Tensor | None = None) -> Tensor:
+    """Apply the published projector ``C = V V^T / ||V||_F`` to ``matrix`` (``d_out x r``) without forming ``C``.
+
+    Args:
+        matrix: ``(d_out, r)`` tensor, usually ``lora_B``.
+        direction: the alignment direction ``V`` of shape ``(d_out, d_in)``.
+        direction_norm: ``||V||_F`` if already known (saves one pass over ``V``).
+
+    Returns:
+        ``C @ matrix`` in the dtype of ``matrix``.
+    """
+    v = direction.to(matrix.dtype) if direction.dtype != matrix.dtype else direction
+    norm = torch.linalg.vector_norm(v) if direction_norm is None else direction_norm.to(matrix.dtype)
+    return v @ (v.mT @ matrix) / norm
+
+
+def lowrank_apply(matrix: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Apply ``C = U diag(w) U^T`` (``w = 1``: the orthogonal projector ``U U^T``) to ``matrix``.
+
+    Args:
+        matrix: ``(d_out, r)`` tensor, usually ``lora_B``.
+        basis: ``U``, ``(d_out, k)`` with orthonormal columns.
+        weights: ``w``, ``(k,)`` eigenvalues of ``C``; ``None`` means all ones.
+    """
+    u = basis.to(matrix.dtype) if basis.dtype != matrix.dtype else basis
+    coeff = u.mT @ matrix
+    if weights is not None:
+        coeff = weights.to(matrix.dtype)[:, None] * coeff
+    return u @ coeff
+
+
+def asft_penalty(
+    lora_A: Tensor, lora_B: Tensor, direction: Tensor, direction_norm: Tensor | None = None
+) -> Tensor:
+    """AsFT penalty ``||(I - C) B A||_F^2`` with ``C = V V^T / ||V||_F``, as the authors' code builds ``C``.
+
+    Note that this ``C`` is divided by the norm, not the squared norm, so it is not idempotent: its eigenvalues
+    are ``sigma_i^2 / ||V||_F``. Cost ``O(d_out d_in r)``; no ``d_out x d_out`` matrix is formed.
+
+    Args:
+        lora_A: ``(r, d_in)``.
+        lora_B: ``(d_out, r)``.
+        direction: ``V = W_aligned - W_unaligned``, ``(d_out, d_in)``.
+        direction_norm: ``||V||_F`` if precomputed.
+
+    Returns:
+        A scalar tensor in the dtype of ``lora_B``.
+    """
+    residual = lora_B - safelora_apply(lora_B, direction, direction_norm)
+    return frobenius_of_product(residual, lora_A)
+
+
+def lowrank_penalty(lora_A: Tensor, lora_B: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``||(I - U diag(w) U^T) B A||_F^2``: AsFT with ``C`` kept as ``k`` eigenpairs. Cost ``O(d_out k r)``."""
+    residual = lora_B - lowrank_apply(lora_B, basis, weights)
+    return frobenius_of_product(residual, lora_A)
+
+
+def subspace_penalty(lora_A: Tensor, lora_B: Tensor, basis: Tensor) -> Tensor:
+    """``||(I - U U^T) B A||_F^2`` for an orthonormal ``U`` (``d_out x k``): the exact orthogonal projector.
+
+    With this form ``sqrt(penalty / ||B A||_F^2)`` is in ``[0, 1]``: the share of the update off the basin.
+    """
+    return lowrank_penalty(lora_A, lora_B, basis, None)
+
+
+def update_alignment(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tensor:
+    """``<B A, V>_F / ||V||_F``: the signed length of the update along the alignment direction.
+
+    Computed as ``sum(B * (V A^T))`` in ``O(d_out d_in r)``; positive means the update moves *with* the
+    alignment (towards the aligned model), negative means it undoes it.
+    """
+    v = direction.to(lora_B.dtype) if direction.dtype != lora_B.dtype else direction
+    return (lora_B * (v @ lora_A.mT)).sum() / torch.linalg.vector_norm(v)
+
+
+def sign_aware_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tensor:
+    """``relu(-<B A, V>_F / ||V||_F)^2``: penalises only the part of the update that moves against ``V``.
+
+    This is this project's extension (design.md section 5), not part of the published AsFT: an update that
+    undoes the alignment lies inside ``V``'s subspace, so the orthogonal penalty alone cannot stop it.
+    """
+    return torch.relu(-update_alignment(lora_A, lora_B, direction)).square()
