@@ -8,7 +8,9 @@ Shapes follow PEFT: ``lora_A`` is ``(r, d_in)``, ``lora_B`` is ``(d_out, r)``, s
   ``O(d_out d_in r)``;
 * a low-rank projector ``C = U diag(w) U^T`` is applied as ``U (w * (U^T B))`` in ``O(d_out k r)``.
 
-Every function is differentiable and keeps the dtype of its inputs (float64 in, float64 out).
+Every function is differentiable and returns the dtype of the LoRA factors (float64 in, float64 out). Products
+with a stored direction or basis run in *its* dtype: the small ``d_out x r`` factor is cast, never the large
+direction, so a bfloat16 direction stays bfloat16 on the device.
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ def safelora_apply(matrix: Tensor, direction: Tensor, direction_norm: Tensor | N
     Returns:
         ``C @ matrix`` in the dtype of ``matrix``.
     """
-    v = direction.to(matrix.dtype) if direction.dtype != matrix.dtype else direction
-    norm = torch.linalg.vector_norm(v) if direction_norm is None else direction_norm.to(matrix.dtype)
-    return v @ (v.mT @ matrix) / norm
+    m = matrix.to(direction.dtype)
+    norm = torch.linalg.vector_norm(direction) if direction_norm is None else direction_norm.to(direction.dtype)
+    return (direction @ (direction.mT @ m) / norm).to(matrix.dtype)
 
 
 def lowrank_apply(matrix: Tensor, basis: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -66,11 +68,10 @@ def lowrank_apply(matrix: Tensor, basis: Tensor, weights: Tensor | None = None) 
         basis: ``U``, ``(d_out, k)`` with orthonormal columns.
         weights: ``w``, ``(k,)`` eigenvalues of ``C``; ``None`` means all ones.
     """
-    u = basis.to(matrix.dtype) if basis.dtype != matrix.dtype else basis
-    coeff = u.mT @ matrix
+    coeff = basis.mT @ matrix.to(basis.dtype)
     if weights is not None:
-        coeff = weights.to(matrix.dtype)[:, None] * coeff
-    return u @ coeff
+        coeff = weights.to(basis.dtype)[:, None] * coeff
+    return (basis @ coeff).to(matrix.dtype)
 
 
 def asft_penalty(
@@ -114,8 +115,8 @@ def update_alignment(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tenso
     Computed as ``sum(B * (V A^T))`` in ``O(d_out d_in r)``; positive means the update moves *with* the
     alignment (towards the aligned model), negative means it undoes it.
     """
-    v = direction.to(lora_B.dtype) if direction.dtype != lora_B.dtype else direction
-    return (lora_B * (v @ lora_A.mT)).sum() / torch.linalg.vector_norm(v)
+    va = (direction @ lora_A.mT.to(direction.dtype)).to(lora_B.dtype)
+    return (lora_B * va).sum() / torch.linalg.vector_norm(direction).to(lora_B.dtype)
 
 
 def sign_aware_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Tensor:

@@ -1,0 +1,212 @@
+"""The ``asft`` command: LightningCLI's ``fit`` / ``validate`` / ``test`` plus ``direction``, ``safelora``, ``demo``.
+
+``fit``, ``validate`` and ``test`` are Lightning's own (``asft fit --help``, ``--print_config``, YAML configs via
+``--config``). The other subcommands are plain functions exposed by jsonargparse, so they take the same
+``--config`` YAML files and ``--help`` from their docstrings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch.cli import LightningCLI
+
+EXTRA_COMMANDS = ("direction", "safelora", "demo")
+
+
+class AsFTCLI(LightningCLI):
+    """LightningCLI for :class:`~asft_lightning.module.AsFTModule` and :class:`~asft_lightning.data.AsFTDataModule`.
+
+    The data module's tokenizer follows the model (``model.model`` and ``model.gguf_file``) unless set.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments("model.gguf_file", "data.gguf_file")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True) -> AsFTCLI:
+    """Run (or only build, with ``run=False``) the Lightning CLI on ``args``."""
+    from asft_lightning.data import AsFTDataModule
+    from asft_lightning.module import AsFTModule
+
+    return AsFTCLI(
+        AsFTModule,
+        AsFTDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=42,
+    )
+
+
+def direction(
+    aligned: str,
+    unaligned: str,
+    output: str,
+    target_modules: list[str] | str = ["q_proj", "v_proj"],
+    projector: Literal["safelora", "subspace"] = "safelora",
+    rank: int | None = None,
+    energy: float | None = None,
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
+    aligned_gguf_file: str | None = None,
+    unaligned_gguf_file: str | None = None,
+    reference: Literal["base", "harmful"] = "base",
+    hash_inputs: bool = True,
+) -> dict:
+    """Compute the alignment direction V = W_aligned - W_unaligned per targeted module and save it.
+
+    Streams tensor by tensor from safetensors shards (GGUF files are dequantised one model at a time).
+    Writes ``output`` (safetensors, metadata in its header) and ``output + '.json'``; prints C's spectrum.
+
+    Args:
+        aligned: safety-aligned checkpoint: HF directory (safetensors, possibly sharded) or ``.gguf`` file.
+        unaligned: reference checkpoint: the base model before alignment, or a harmful fine-tune
+            (``reference: harmful``).
+        output: the ``.safetensors`` file to write.
+        target_modules: module names: list of suffixes, or one regex (PEFT's ``target_modules`` semantics).
+        projector: ``safelora`` (published C = V V^T / ||V||_F) or ``subspace`` (exact orthogonal projector on
+            the top-k left singular vectors of V).
+        rank: keep k singular vectors (low-rank safelora, or the subspace rank).
+        energy: choose k per module as the smallest holding this share of ||V||_F^2.
+        dtype: storage dtype of the file.
+        aligned_gguf_file: GGUF file inside ``aligned`` if it is a directory.
+        unaligned_gguf_file: GGUF file inside ``unaligned`` if it is a directory.
+        reference: what ``unaligned`` is (``base`` or ``harmful``); recorded in the metadata.
+        hash_inputs: record SHA-256 of every input file.
+    """
+    from asft_lightning.direction import extract_direction, spectrum_summary
+
+    result = extract_direction(
+        aligned,
+        unaligned,
+        output,
+        target_modules=target_modules,
+        projector=projector,
+        rank=rank,
+        energy=energy,
+        dtype=dtype,
+        aligned_gguf_file=aligned_gguf_file,
+        unaligned_gguf_file=unaligned_gguf_file,
+        reference=reference,
+        hash_inputs=hash_inputs,
+    )
+    summary = {"output": output, "projector": result.metadata["projector"], **spectrum_summary(result)}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def safelora(
+    adapter: str,
+    direction: str,
+    output: str,
+    num_proj_layers: int | None = 10,
+    threshold: float | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Safe LoRA (arXiv 2405.16833): project the least aligned LoRA modules of an adapter onto the alignment subspace.
+
+    Args:
+        adapter: PEFT LoRA adapter directory (never modified).
+        direction: direction file from ``asft direction`` for the adapter's base model and target modules.
+        output: new adapter directory to write (atomically).
+        num_proj_layers: project the modules with the lowest cosine, this many (ignored if ``threshold`` is set).
+        threshold: instead, project every module whose cosine is below this value.
+        overwrite: replace ``output`` if it exists.
+    """
+    from asft_lightning import safelora as sl
+
+    report = sl.safelora(
+        adapter=adapter,
+        direction=direction,
+        output=output,
+        num_proj_layers=num_proj_layers,
+        threshold=threshold,
+        overwrite=overwrite,
+    )
+    projected = [m for m, r in report["modules"].items() if r["projected"]]
+    print(json.dumps({"output": output, "projected": len(projected), "modules": len(report["modules"])}, indent=2))
+    return report
+
+
+def demo(root: str = ".cache/asft-tiny", max_steps: int = 30, lam: float = 1.0) -> dict:
+    """Offline quick start on an embedded tiny world: direction, then plain LoRA (lam=0) and AsFT fine-tunes.
+
+    Builds (once, cached under ``root``) a tiny random Llama pair, aligned to refuse toy harmful requests, with
+    toy task and harmful data; runs ``asft direction`` and ``asft fit`` through the same code paths as real
+    checkpoints, and prints each run's drift ratio ||(I - C) dW|| / ||dW|| and validation loss.
+
+    Args:
+        root: cache directory for the tiny world and the runs.
+        max_steps: optimisation steps per fine-tune.
+        lam: AsFT penalty weight of the second run.
+    """
+    from asft_lightning.tiny import build_tiny_world
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    world = build_tiny_world(root)
+    dpath = str(Path(root) / "direction.safetensors")
+    direction(world["aligned"], world["unaligned"], dpath)
+    results = {}
+    for name, value in (("lora_sft", 0.0), ("asft", lam)):
+        out_dir = Path(root) / "runs" / name
+        cli = lightning_cli(
+            [
+                "fit",
+                f"--model.model={world['aligned']}",
+                f"--model.direction={dpath}",
+                f"--model.lam={value}",
+                "--model.learning_rate=3e-3",
+                "--model.lora_dropout=0.0",
+                f"--model.adapter_output={out_dir / 'adapter'}",
+                f"--data.task_data={world['task']}",
+                f"--data.harmful_data={world['harmful']}",
+                "--data.n=200",
+                "--data.harmful_ratio=0.5",
+                "--data.val_size=40",
+                "--data.max_length=64",
+                f"--trainer.max_steps={max_steps}",
+                f"--trainer.default_root_dir={out_dir}",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.val_check_interval=1.0",
+                "--trainer.log_every_n_steps=5",
+                "--trainer.enable_checkpointing=false",
+            ]
+        )
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        results[name] = {
+            "lam": value,
+            "train_drift_ratio": metrics.get("train/drift_ratio"),
+            "val_task_loss": metrics.get("val/task_loss"),
+            "adapter": str(out_dir / "adapter"),
+        }
+    print("\n| run | lam | drift ratio ||(I-C)dW||/||dW|| | val task loss |\n|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['lam']} | {r['train_drift_ratio']:.4f} | {r['val_task_loss']:.4f} |")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``asft`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        from jsonargparse import CLI
+
+        fn = {"direction": direction, "safelora": safelora, "demo": demo}[argv[0]]
+        CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
+        return
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: asft {fit,validate,test,direction,safelora,demo} ...  (asft SUBCOMMAND --help)")
+        if not argv:
+            sys.exit(2)
+        return
+    lightning_cli(argv)
+
+
+if __name__ == "__main__":
+    main()
