@@ -15,7 +15,7 @@ from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
 
-EXTRA_COMMANDS = ("direction", "safelora", "demo")
+EXTRA_COMMANDS = ("direction", "safelora", "tiny-world", "demo")
 
 
 class AsFTCLI(LightningCLI):
@@ -40,6 +40,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> AsFTCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
         seed_everything_default=42,
     )
 
@@ -133,51 +134,65 @@ def safelora(
     return report
 
 
-def demo(root: str = ".cache/asft-tiny", max_steps: int = 30, lam: float = 1.0) -> dict:
-    """Offline quick start on an embedded tiny world: direction, then plain LoRA (lam=0) and AsFT fine-tunes.
+def tiny_world(root: str = ".cache/asft-tiny", seed: int = 0) -> dict:
+    """Build the embedded tiny world (once, cached) and its direction file: everything ``configs/tiny.yaml`` reads.
 
-    Builds (once, cached under ``root``) a tiny random Llama pair, aligned to refuse toy harmful requests, with
-    toy task and harmful data; runs ``asft direction`` and ``asft fit`` through the same code paths as real
-    checkpoints, and prints each run's drift ratio ||(I - C) dW|| / ||dW|| and validation loss.
+    A random 2-layer Llama trained to comply with toy harmful requests (``unaligned``), the same model after a
+    short refusal fine-tune (``aligned``, three safetensors shards), toy task and harmful data, and
+    ``direction.safetensors`` from ``asft direction``. Nothing is downloaded.
+
+    Args:
+        root: cache directory.
+        seed: seed of the world.
+    """
+    from asft_lightning.tiny import build_tiny_world
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    world = build_tiny_world(root, seed=seed)
+    world["direction"] = str(Path(root) / "direction.safetensors")
+    if not Path(world["direction"]).is_file():
+        direction(world["aligned"], world["unaligned"], world["direction"])
+    print(json.dumps(world, indent=2))
+    return world
+
+
+def demo(root: str = ".cache/asft-tiny", max_steps: int = 30, lam: float = 1.0) -> dict:
+    """Offline quick start: plain LoRA (lam=0) and AsFT fine-tunes on the embedded tiny world, side by side.
+
+    Builds the world with ``asft tiny-world`` (cached), then runs ``asft fit`` twice with the settings of
+    ``configs/tiny.yaml`` (same code path as a real checkpoint) and prints each run's drift ratio
+    ||(I - C) dW|| / ||dW|| and validation loss.
 
     Args:
         root: cache directory for the tiny world and the runs.
         max_steps: optimisation steps per fine-tune.
         lam: AsFT penalty weight of the second run.
     """
-    from asft_lightning.tiny import build_tiny_world
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    world = build_tiny_world(root)
-    dpath = str(Path(root) / "direction.safetensors")
-    direction(world["aligned"], world["unaligned"], dpath)
+    world = tiny_world(root)
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     results = {}
     for name, value in (("lora_sft", 0.0), ("asft", lam)):
         out_dir = Path(root) / "runs" / name
-        cli = lightning_cli(
-            [
-                "fit",
-                f"--model.model={world['aligned']}",
-                f"--model.direction={dpath}",
-                f"--model.lam={value}",
-                "--model.learning_rate=3e-3",
-                "--model.lora_dropout=0.0",
-                f"--model.adapter_output={out_dir / 'adapter'}",
-                f"--data.task_data={world['task']}",
-                f"--data.harmful_data={world['harmful']}",
-                "--data.n=200",
-                "--data.harmful_ratio=0.5",
-                "--data.val_size=40",
-                "--data.max_length=64",
-                f"--trainer.max_steps={max_steps}",
-                f"--trainer.default_root_dir={out_dir}",
-                "--trainer.accelerator=cpu",
-                "--trainer.devices=1",
-                "--trainer.val_check_interval=1.0",
-                "--trainer.log_every_n_steps=5",
-                "--trainer.enable_checkpointing=false",
-            ]
-        )
+        args = ["fit"] + ([f"--config={config}"] if config.is_file() else []) + [
+            f"--model.model={world['aligned']}",
+            f"--model.direction={world['direction']}",
+            f"--model.lam={value}",
+            "--model.learning_rate=3e-3",
+            "--model.lora_dropout=0.0",
+            f"--model.adapter_output={out_dir / 'adapter'}",
+            f"--data.task_data={world['task']}",
+            f"--data.harmful_data={world['harmful']}",
+            "--data.n=200",
+            "--data.harmful_ratio=0.5",
+            "--data.val_size=40",
+            "--data.max_length=64",
+            f"--trainer.max_steps={max_steps}",
+            f"--trainer.default_root_dir={out_dir}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_checkpointing=false",
+        ]
+        cli = lightning_cli(args)
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         results[name] = {
             "lam": value,
@@ -197,11 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
-        fn = {"direction": direction, "safelora": safelora, "demo": demo}[argv[0]]
+        fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world, "demo": demo}[argv[0]]
         CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asft {fit,validate,test,direction,safelora,demo} ...  (asft SUBCOMMAND --help)")
+        print("usage: asft {fit,validate,test,direction,safelora,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
         if not argv:
             sys.exit(2)
         return

@@ -189,6 +189,7 @@ class AsFTModule(L.LightningModule):
         layers = lora_layers(peft_model)
         if not layers:
             raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r} matched no module")
+        peft_model.train()  # from_pretrained returns eval mode; LoRA dropout must be active in fit
         self.model = peft_model
         if self.directions is not None:
             self.directions.check_modules(lora_shapes(layers), self.model_path)
