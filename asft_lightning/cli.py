@@ -49,7 +49,7 @@ def direction(
     aligned: str,
     unaligned: str,
     output: str,
-    target_modules: list[str] | str = ["q_proj", "v_proj"],
+    target_modules: list[str] | str = ["q_proj", "v_proj"],  # noqa: B006 (shown in --help)
     projector: Literal["safelora", "subspace"] = "safelora",
     rank: int | None = None,
     energy: float | None = None,

@@ -1,0 +1,1 @@
+"""Lightning callbacks of asft-lightning (importable from YAML as ``asft_lightning.callbacks.<Name>``)."""
