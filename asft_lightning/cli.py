@@ -125,7 +125,7 @@ def safelora(
         adapter=adapter,
         direction=direction,
         output=output,
-        num_proj_layers=num_proj_layers,
+        num_proj_layers=None if threshold is not None else num_proj_layers,
         threshold=threshold,
         overwrite=overwrite,
     )

@@ -150,8 +150,12 @@ def load_direction(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise
     except Exception as err:
         raise DirectionError(f"{path}: corrupt or unreadable direction file ({err})") from err
+    if not isinstance(metadata, dict):
+        raise DirectionError(f"{path}: the 'asft' metadata must be a JSON object, got {type(metadata).__name__}")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise DirectionError(f"{path}: format_version {metadata.get('format_version')}, expected {FORMAT_VERSION}")
+    if not isinstance(metadata.get("modules"), dict) or "projector" not in metadata:
+        raise DirectionError(f"{path}: the 'asft' metadata lacks 'modules' (name -> shape) or 'projector'")
     out = DirectionSet(path=path, metadata=metadata)
     for name, shape in metadata["modules"].items():
         if f"{name}.norm" not in tensors:
@@ -311,6 +315,12 @@ def extract_direction(
         if not torch.isfinite(v).all():
             raise CheckpointError(f"tensor '{key}': non-finite values in {a_reader.path} or {u_reader.path}")
         norm = torch.linalg.vector_norm(v.double())
+        if norm == 0:
+            raise DirectionError(
+                f"tensor '{key}' is identical in {a_reader.path} and {u_reader.path}: the alignment direction of "
+                f"module {name} is zero, so no projector can be built; check that the two checkpoints differ "
+                "or leave this module out of target_modules"
+            )
         modules[name] = list(v.shape)
         tensors[f"{name}.norm"] = norm.to(out_dtype)
         if lowrank or spectrum_size:
