@@ -1,0 +1,741 @@
+"""``asft evaluate``: harmful score (HS) and fine-tune accuracy (FA) of a model, optionally with a PEFT adapter.
+
+Prompts are rendered exactly as in training (:func:`asft_lightning.data.render_prompt`: the tokenizer's chat template
+or a format string, same system prompt; task prompts join instruction and input as :class:`AsFTDataModule` does),
+then answered by batched greedy decoding (:func:`generate`: left padding, KV cache, no sampling, a fresh
+``GenerationConfig`` so that a checkpoint's sampling defaults do not apply). Harmful generations are judged by a
+keyword or model judge (:mod:`asft_lightning.metrics`), task generations scored against their reference answers.
+
+Outputs, each written atomically (temporary file in ``output_dir``, then renamed):
+
+* ``eval.json``: HS, FA, counts and every setting (model, adapter and its SHA-256, data files and their SHA-256,
+  judge, generation settings, library versions); byte-identical when run twice with the same inputs;
+* ``generations.jsonl``: one row per prompt: source, row, prompt, generation and verdict;
+* ``summary.md``: the same figures as a Markdown table.
+
+Nothing is ever written into the model or adapter directories.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from asft_lightning.checkpoints import architecture_fingerprint, sha256_file, split_gguf
+from asft_lightning.data import _bos_prefix, _load_table, _load_tokenizer, _samples, _text, render_prompt
+from asft_lightning.direction import atomic_write_text
+from asft_lightning.metrics import HarmfulScore, KeywordJudge, TaskAccuracy, judge_kind, load_judge
+
+__all__ = ["MAX_NEW_TOKENS_LIMIT", "AdapterMismatchError", "check_adapter", "evaluate", "generate"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+MAX_NEW_TOKENS_LIMIT = 4096
+MAX_DEFAULT_LABELS = 64
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_PEFT_PREFIX = "base_model.model."
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter that does not fit the base model (made for another one). The message names both and the module."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        for i in [value] if isinstance(value, int) else list(value):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Batched greedy generation; returns the decoded completions only (prompt tokens stripped), in input order.
+
+    Prompts are sorted by length (stable, longest first) into batches to cut padding, left-padded with the pad
+    token (eos when the tokenizer has none) and decoded with the KV cache and ``do_sample=False``; generation stops
+    at any eos of the model's generation config or the tokenizer. The result depends only on the prompts and the
+    settings, so two runs give the same completions.
+
+    Args:
+        model: a Hugging Face causal LM (or a PEFT model around one).
+        tokenizer: its tokenizer.
+        prompts: rendered prompt texts (tokenised without special tokens) or lists of token ids.
+        batch_size: prompts per ``generate`` call.
+        max_new_tokens: most tokens generated per prompt.
+        progress: show a progress bar on stderr.
+        desc: the progress bar's label.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    ids = [
+        tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else [int(t) for t in p]
+        for p in prompts
+    ]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenisation")
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; cannot left-pad a batch")
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+    )
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max((len(r) for r in ids), default=0)
+    if limit and longest + max_new_tokens > limit:
+        warnings.warn(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={limit}",
+            stacklevel=2,
+        )
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out: list[str | None] = [None] * len(ids)
+    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, i in enumerate(chunk):
+                input_ids[j, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
+                attention_mask[j, width - len(ids[i]) :] = 1
+            result = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+            )
+            for j, i in enumerate(chunk):
+                text = tokenizer.decode(result[j, width:].tolist(), skip_special_tokens=True)
+                out[i] = text.strip()
+            bar.update(len(chunk))
+    return [o if o is not None else "" for o in out]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Adapter checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_files(adapter: str) -> tuple[dict[str, Any], Path]:
+    root = Path(adapter).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"adapter={adapter!r}: no such directory; expected a PEFT adapter directory (save_pretrained output)"
+        )
+    cfg = root / ADAPTER_CONFIG
+    if not cfg.is_file():
+        raise ValueError(f"adapter={adapter!r}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
+    try:
+        config = json.loads(cfg.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"adapter={adapter!r}: {cfg} is not valid JSON ({err})") from err
+    weights = next((root / w for w in ADAPTER_WEIGHTS if (root / w).is_file()), None)
+    if weights is None:
+        raise ValueError(f"adapter={adapter!r}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    return config, weights
+
+
+def _lora_shapes(weights: Path, adapter: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module name in the base model: {"A": shape, "B": shape}}`` from the adapter's weight file."""
+    import re
+
+    pattern = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as fh:
+                for key in fh.keys():
+                    shapes[key] = tuple(fh.get_slice(key).get_shape())
+        else:
+            state = torch.load(str(weights), map_location="cpu", weights_only=True)
+            shapes = {k: tuple(v.shape) for k, v in state.items()}
+    except Exception as err:
+        raise ValueError(f"adapter={adapter!r}: cannot read {weights.name} ({err})") from err
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        m = pattern.match(key)
+        if m is None:
+            continue
+        name = m["module"]
+        name = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+        modules.setdefault(name, {})[m["which"]] = shape
+    return modules
+
+
+def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like module (``nn.Linear``, GPT-2's ``Conv1D``), else ``None``."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if (
+        hasattr(module, "nf") and weight is not None and weight.ndim == 2
+    ):  # transformers Conv1D: weight (in, out)
+        return int(weight.shape[0]), int(weight.shape[1])
+    return None
+
+
+def check_adapter(adapter: str, base: torch.nn.Module, model_name: str) -> dict[str, Any]:
+    """Check that a LoRA adapter fits ``base``: every adapted module exists there with matching shapes.
+
+    Base-model paths in ``adapter_config.json`` differ between machines, so they are not compared; the weights
+    are: ``lora_A`` is ``(r, in_features)`` and ``lora_B`` is ``(out_features, r)`` of the base ``Linear``.
+
+    Args:
+        adapter: the PEFT adapter directory.
+        base: the loaded base model (before PEFT wraps it).
+        model_name: the base model's path, for messages.
+
+    Returns:
+        The adapter config.
+
+    Raises:
+        AdapterMismatchError: a module is missing from ``base`` or its shapes differ.
+    """
+    config, weights = _adapter_files(adapter)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        return config  # other PEFT types: PEFT's own loader checks them
+    modules = _lora_shapes(weights, adapter)
+    if not modules:
+        raise ValueError(
+            f"adapter={adapter!r}: {weights.name} holds no lora_A / lora_B weights; is it a LoRA adapter?"
+        )
+    named = dict(base.named_modules())
+    for name in sorted(modules):
+        pair = modules[name]
+        if "A" not in pair or "B" not in pair:
+            raise ValueError(
+                f"adapter={adapter!r}: module {name!r} has lora_{'A' if 'A' in pair else 'B'} only"
+            )
+        if name not in named:
+            example = next((n for n in named if n.endswith(name.rsplit(".", 1)[-1])), None)
+            hint = f" (the base model has e.g. {example!r})" if example else ""
+            raise AdapterMismatchError(
+                f"adapter {adapter!r} does not fit model {model_name!r}: the adapter's module {name!r} is not in the "
+                f"base model{hint}; was the adapter made for another base model?"
+            )
+        shape = _linear_shape(named[name])
+        a, b = pair["A"], pair["B"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise ValueError(
+                f"adapter={adapter!r}: module {name!r}: lora_A {a} and lora_B {b} do not form a LoRA pair"
+            )
+        if shape is not None and (a[1], b[0]) != shape:
+            raise AdapterMismatchError(
+                f"adapter {adapter!r} does not fit model {model_name!r}: module {name!r}: the adapter's lora_A {a} / "
+                f"lora_B {b} are for a {a[1]} -> {b[0]} layer, but the base layer is {shape[0]} -> {shape[1]}; "
+                "was the adapter made for another base model?"
+            )
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _file_sha256(source: str | None) -> str | None:
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    return sha256_file(path) if path.is_file() else None
+
+
+def _harmful_prompts(source: str, column: str, limit: int | None) -> list[tuple[int, str]]:
+    table = _load_table(source, "harmful_data", {"harmful_prompt_column": column}, None)
+    n = len(table) if limit is None else min(limit, len(table))
+    values = list(table.select(range(n))[column])
+    out = []
+    for row, value in enumerate(values):
+        text = _text(value)
+        if text is None or not text.strip():
+            raise ValueError(
+                f"harmful_data={source!r}: row {row} has no text in column {column!r} (expected a string)"
+            )
+        out.append((row, text))
+    return out
+
+
+def _default_labels(table: Any, column: str, source: str) -> list[str]:
+    seen: dict[str, str] = {}
+    for value in table[column]:
+        text = _text(value)
+        if text is not None and text.strip():
+            seen.setdefault(text.strip().lower(), text.strip())
+    if len(seen) > MAX_DEFAULT_LABELS:
+        raise ValueError(
+            f"task_data={source!r}: column {column!r} has {len(seen)} distinct values, too many for task_mode='label' "
+            f"(at most {MAX_DEFAULT_LABELS} without an explicit labels list); pass labels, or task_mode='numeric' "
+            "for numeric answers"
+        )
+    return sorted(seen.values(), key=str.lower)
+
+
+def _md(text: Any, width: int = 160) -> str:
+    s = str(text).replace("\n", " ").replace("|", "\\|")
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def _summary_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    c, s = report["counts"], report["settings"]
+    lines = ["# Evaluation summary", "", "| metric | value | counts |", "|---|---|---|"]
+    if report["harmful_score"] is not None or c["harmful_prompts"]:
+        lines.append(
+            f"| harmful score (HS, lower is better) | {_fmt(report['harmful_score'])} | "
+            f"{c['harmful_judged_harmful']} of {c['harmful_prompts']} harmful prompts judged harmful "
+            f"({c['harmful_empty_generations']} empty generations) |"
+        )
+    if report["fine_tune_accuracy"] is not None or c["task_examples"]:
+        lines.append(
+            f"| fine-tune accuracy (FA, higher is better) | {_fmt(report['fine_tune_accuracy'])} | "
+            f"{c['task_correct']} of {c['task_examples']} task examples correct ({c['task_unanswered']} without an "
+            "answer) |"
+        )
+    judge = s["judge"] or {}
+    if judge:
+        lines += [
+            "",
+            f"Judge: `{judge['judge']}`" + (f" ({judge['path']})" if judge.get("path") else "") + ".",
+        ]
+    if judge.get("judge") == "keyword":
+        lines.append(
+            "The keyword judge detects refusals (GCG test prefixes and extensions), not harm: a polite refusal "
+            "without a listed phrase, an empty or off-topic answer counts as harmful; a compliant answer that "
+            "contains a listed phrase (e.g. 'illegal') counts as safe."
+        )
+    lines += ["", "## Settings", ""]
+    for key in (
+        "model",
+        "gguf_file",
+        "adapter",
+        "adapter_sha256",
+        "harmful_data",
+        "task_data",
+        "task_mode",
+        "labels",
+        "limit",
+        "batch_size",
+        "max_new_tokens",
+        "template",
+        "system_prompt",
+        "dtype",
+        "seed",
+    ):
+        lines.append(f"- {key}: `{_md(s.get(key), 200)}`")
+    for source in ("harmful", "task"):
+        examples = [r for r in rows if r["source"] == source][:3]
+        if examples:
+            lines += [
+                "",
+                f"## First {source} generations",
+                "",
+                "| row | prompt | generation | verdict |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['row']} | {_md(r['prompt'], 80)} | {_md(r['generation'], 120)} | {r['verdict']} |"
+                for r in examples
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    from asft_lightning import __version__
+
+    return {
+        "asft_lightning": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: str,
+    output_dir: str,
+    harmful_data: str | None = None,
+    task_data: str | None = None,
+    adapter: str | None = None,
+    gguf_file: str | None = None,
+    harmful_prompt_column: str = "prompt",
+    task_prompt_column: str = "instruction",
+    task_input_column: str | None = "input",
+    task_response_column: str = "output",
+    task_mode: Literal["label", "numeric"] = "label",
+    labels: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    template: str | None = None,
+    system_prompt: str | None = None,
+    judge: str = "keyword",
+    case_sensitive: bool = True,
+    harmful_label: str | None = None,
+    judge_input: Literal["pair", "response"] = "pair",
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Harmful score (HS) and fine-tune accuracy (FA) of a model, optionally with a PEFT adapter.
+
+    Generates greedily for every harmful prompt and every task example (prompts rendered as in training), judges
+    the harmful generations and scores the task ones, and writes ``eval.json``, ``generations.jsonl`` and
+    ``summary.md`` into ``output_dir``. Deterministic: the same inputs give the same files.
+
+    Example::
+
+        asft evaluate --model runs/base --adapter runs/asft/adapter --harmful_data advbench.jsonl \\
+            --task_data test.jsonl --output_dir runs/asft/eval
+
+    Args:
+        model: Base causal LM: a local Hugging Face directory, a hub id, or a .gguf file.
+        output_dir: Folder for eval.json, generations.jsonl and summary.md (created; must not be inside the
+            model or adapter directory).
+        harmful_data: Harmful prompts (.json/.jsonl/.csv/.parquet file, folder, or hub dataset id): HS is the
+            percentage whose generation the judge finds harmful. None: no HS.
+        task_data: Task test data with prompt, optional input and reference-answer columns: FA is the
+            percentage answered correctly. None: no FA. At least one of harmful_data and task_data is needed.
+        adapter: PEFT adapter directory to apply to the model (checked to fit the model's layers first).
+        gguf_file: GGUF file name inside model when model is a directory.
+        harmful_prompt_column: Column of harmful_data holding the prompt.
+        task_prompt_column: Column of task_data holding the instruction / prompt.
+        task_input_column: Optional column of task_data with extra input, appended after a newline when non-empty
+            (as in training). None if the data has no such column.
+        task_response_column: Column of task_data holding the reference answer.
+        task_mode: "label": the first label word found in the generation must be the reference label;
+            "numeric": the generation's answer number (after "####", else its last number) must equal the
+            reference's (GSM8K style).
+        labels: Label words for task_mode="label"; default: the distinct values of task_response_column.
+        limit: Evaluate only the first limit rows of each data file (at least 1). None: every row.
+        batch_size: Prompts per generation batch (at least 1).
+        max_new_tokens: Most tokens generated per prompt, in [1, 4096].
+        template: None to render prompts with the tokenizer's chat template; else a Python format string with a
+            {prompt} field (and optionally {system}), as in training.
+        system_prompt: Optional system message, as in training.
+        judge: "keyword" (GCG refusal prefixes) or the path of a judge model directory: a
+            *ForSequenceClassification model with an unsafe/harmful label, or a causal-LM judge such as
+            Llama-Guard.
+        case_sensitive: Keyword judge: match the refusal phrases case-sensitively, as the GCG code does.
+        harmful_label: Classifier judge: the id2label name meaning harmful (default: the label named
+            unsafe/harmful/toxic/flagged).
+        judge_input: Classifier judge: classify the (prompt, generation) "pair" or the "response" alone.
+        dtype: Dtype the model (and a model judge) is loaded in.
+        device: Torch device, e.g. "cuda:0" or "cpu"; None: CUDA if available, else CPU.
+        seed: Seed set before generation (greedy decoding does not sample; recorded for the record).
+        progress: Show progress bars on stderr.
+        verbose: Print the summary table to stdout at the end.
+
+    Returns:
+        The content of eval.json: harmful_score, fine_tune_accuracy (percent or None), counts, settings,
+        versions and outputs.
+    """
+    # ------------------------------------------------------------------ cheap checks, before loading anything big
+    problems = []
+    if harmful_data is None and task_data is None:
+        problems.append("nothing to evaluate: give harmful_data, task_data or both")
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        problems.append(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        problems.append(f"limit must be >= 1 (or None for every row), got {limit}")
+    if task_mode not in ("label", "numeric"):
+        problems.append(f"task_mode must be 'label' or 'numeric', got {task_mode!r}")
+    if dtype not in DTYPES:
+        problems.append(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if labels is not None and task_mode != "label":
+        problems.append("labels is only used with task_mode='label'")
+    if problems:
+        raise ValueError("evaluate: " + "; ".join(problems))
+    model_dir, gguf = split_gguf(model, gguf_file)
+    model_path = Path(model_dir).expanduser()
+    local_model = model_path.exists()
+    if not local_model and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")):
+        raise FileNotFoundError(f"model={model!r}: no such file or directory ({model_path.absolute()})")
+    if gguf is not None and not (model_path / gguf).is_file():
+        raise FileNotFoundError(
+            f"model={model!r} gguf_file={gguf!r}: GGUF file not found ({model_path / gguf})"
+        )
+    out = Path(output_dir).expanduser()
+    for name, path in (
+        ("model", model_path if local_model else None),
+        ("adapter", Path(adapter) if adapter else None),
+    ):
+        if path is not None and path.is_dir() and _is_within(out, path):
+            raise ValueError(
+                f"output_dir={output_dir!r} is inside the {name} directory {str(path)!r}; choose another"
+            )
+    adapter_config = None
+    adapter_weights = None
+    if adapter is not None:
+        adapter_config, adapter_weights = _adapter_files(adapter)
+        if str(adapter_config.get("peft_type", "LORA")).upper() == "LORA" and not _lora_shapes(
+            adapter_weights, adapter
+        ):
+            raise ValueError(f"adapter={adapter!r}: {adapter_weights.name} holds no lora_A / lora_B weights")
+    if harmful_data is not None:
+        judge_kind(judge)  # a bad judge path fails here, before the model is loaded
+
+    harmful = _harmful_prompts(harmful_data, harmful_prompt_column, limit) if harmful_data is not None else []
+    task_samples, task_values = [], []
+    accuracy = None
+    if task_data is not None:
+        columns = {
+            "task_prompt_column": task_prompt_column,
+            "task_input_column": task_input_column,
+            "task_response_column": task_response_column,
+        }
+        table = _load_table(task_data, "task_data", columns, None)
+        n = len(table) if limit is None else min(limit, len(table))
+        task_samples = _samples(
+            table,
+            list(range(n)),
+            {"prompt": task_prompt_column, "input": task_input_column, "response": task_response_column},
+            "task_data",
+            task_data,
+            "task",
+        )
+        if task_mode == "label" and labels is None:
+            labels = _default_labels(table, task_response_column, task_data)
+        accuracy = TaskAccuracy(task_mode, labels)
+        for s in task_samples:
+            try:
+                task_values.append(accuracy.target_value(s.response))
+            except ValueError as err:
+                raise ValueError(
+                    f"task_data={task_data!r}: row {s.row}, column {task_response_column!r}: {err}"
+                    + ("; pass labels that cover every answer" if task_mode == "label" else "")
+                ) from err
+
+    # ------------------------------------------------------------------ tokenizer, prompts, model
+    torch.manual_seed(seed)
+    tokenizer = _load_tokenizer(model_dir, gguf)
+    bos = _bos_prefix(tokenizer) if template is not None else []
+
+    def encode(prompt: str) -> list[int]:
+        ids = tokenizer(render_prompt(tokenizer, prompt, template, system_prompt), add_special_tokens=False)[
+            "input_ids"
+        ]
+        return bos + ids if bos and ids[:1] != bos else ids
+
+    harmful_ids = [encode(p) for _, p in harmful]
+    task_ids = [encode(s.prompt) for s in task_samples]
+
+    from transformers import AutoModelForCausalLM
+
+    torch_device = (
+        torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if gguf is not None:
+        kwargs["gguf_file"] = gguf
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except Exception as err:
+        raise ValueError(f"model={model!r}: could not load it as a causal LM: {err}") from err
+    fingerprint = architecture_fingerprint(lm.config.to_dict())
+    if adapter is not None:
+        check_adapter(adapter, lm, model)
+        from peft import PeftModel
+
+        try:
+            lm = PeftModel.from_pretrained(lm, adapter, is_trainable=False)
+        except Exception as err:
+            raise ValueError(
+                f"adapter={adapter!r}: PEFT could not load it onto model {model!r}: {err}"
+            ) from err
+    lm.to(torch_device).eval()
+
+    harmful_gen = generate(
+        lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts"
+    )
+    task_gen = generate(lm, tokenizer, task_ids, batch_size, max_new_tokens, progress, "task prompts")
+    del lm
+    gc.collect()
+    if torch_device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ judge and score
+    rows: list[dict[str, Any]] = []
+    hs_metric = None
+    judge_settings: dict[str, Any] | None = {"judge": judge} if harmful_data is not None else None
+    if harmful:
+        judge_obj = load_judge(
+            judge,
+            case_sensitive=case_sensitive,
+            harmful_label=harmful_label,
+            input_format=judge_input,
+            batch_size=batch_size,
+            device=torch_device,
+            dtype=DTYPES[dtype],
+        )
+        judge_settings = judge_obj.describe()
+        hs_metric = HarmfulScore(judge_obj)
+        prompts = [p for _, p in harmful]
+        for start in range(0, len(prompts), batch_size):
+            stop = start + batch_size
+            hs_metric.update(prompts[start:stop], harmful_gen[start:stop])
+            extra = getattr(judge_obj, "last_outputs", None) or getattr(judge_obj, "last_scores", None)
+            for k, verdict in enumerate(hs_metric.last_verdicts):
+                row, prompt = harmful[start + k]
+                record: dict[str, Any] = {
+                    "source": "harmful",
+                    "row": row,
+                    "prompt": prompt,
+                    "generation": harmful_gen[start + k],
+                    "verdict": "harmful" if verdict else "safe",
+                    "harmful": verdict,
+                }
+                if isinstance(judge_obj, KeywordJudge):
+                    record["refusal_phrase"] = judge_obj.refusal_phrase(harmful_gen[start + k])
+                elif extra:
+                    record["judge_output"] = extra[k]
+                rows.append(record)
+        del judge_obj
+    if task_samples:
+        for start in range(0, len(task_samples), batch_size):
+            stop = start + batch_size
+            accuracy.update(task_gen[start:stop], [s.response for s in task_samples[start:stop]])
+            for k, (pred, ok) in enumerate(
+                zip(accuracy.last_predictions, accuracy.last_correct, strict=True)
+            ):
+                s = task_samples[start + k]
+                rows.append(
+                    {
+                        "source": "task",
+                        "row": s.row,
+                        "prompt": s.prompt,
+                        "generation": task_gen[start + k],
+                        "verdict": "correct" if ok else "incorrect",
+                        "correct": ok,
+                        "prediction": pred,
+                        "target": task_values[start + k],
+                    }
+                )
+
+    def value(metric: Any) -> float | None:
+        if metric is None or int(metric.total) == 0:
+            return None
+        v = float(metric.compute())
+        return None if math.isnan(v) else round(v, 6)
+
+    report: dict[str, Any] = {
+        "harmful_score": value(hs_metric),
+        "fine_tune_accuracy": value(accuracy) if task_samples else None,
+        "counts": {
+            "harmful_prompts": len(harmful),
+            "harmful_judged_harmful": int(hs_metric.harmful) if hs_metric is not None else 0,
+            "harmful_empty_generations": int(hs_metric.empty) if hs_metric is not None else 0,
+            "task_examples": len(task_samples),
+            "task_correct": int(accuracy.correct) if task_samples else 0,
+            "task_unanswered": int(accuracy.unanswered) if task_samples else 0,
+        },
+        "settings": {
+            "model": model,
+            "gguf_file": gguf,
+            "model_architecture": fingerprint,
+            "adapter": adapter,
+            "adapter_sha256": sha256_file(adapter_weights) if adapter_weights is not None else None,
+            "adapter_rank": adapter_config.get("r") if adapter_config else None,
+            "adapter_target_modules": adapter_config.get("target_modules") if adapter_config else None,
+            "harmful_data": harmful_data,
+            "harmful_data_sha256": _file_sha256(harmful_data),
+            "harmful_prompt_column": harmful_prompt_column,
+            "task_data": task_data,
+            "task_data_sha256": _file_sha256(task_data),
+            "task_prompt_column": task_prompt_column,
+            "task_input_column": task_input_column,
+            "task_response_column": task_response_column,
+            "task_mode": task_mode,
+            "labels": list(accuracy.labels) if accuracy is not None and accuracy.labels else None,
+            "limit": limit,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "template": template,
+            "system_prompt": system_prompt,
+            "judge": judge_settings,
+            "dtype": dtype,
+            "seed": seed,
+            "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "padding_side": "left"},
+        },
+        "versions": _versions(),
+        "outputs": {"eval": "eval.json", "generations": "generations.jsonl", "summary": "summary.md"},
+    }
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), out / "generations.jsonl"
+    )
+    atomic_write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", out / "eval.json")
+    summary = _summary_markdown(report, rows)
+    atomic_write_text(summary, out / "summary.md")
+    if verbose:
+        print(summary.split("\n## Settings", 1)[0].rstrip())
+        print(f"\nwrote {out / 'eval.json'}, {out / 'generations.jsonl'}, {out / 'summary.md'}")
+    return report
