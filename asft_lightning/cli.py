@@ -15,7 +15,9 @@ from typing import Literal
 
 from lightning.pytorch.cli import LightningCLI
 
-EXTRA_COMMANDS = ("direction", "safelora", "tiny-world", "demo")
+import asft_lightning.strategies  # noqa: F401  (registers the deepspeed_cpu* strategy names)
+
+EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "tiny-world", "demo")
 
 
 class AsFTCLI(LightningCLI):
@@ -212,11 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
-        fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world, "demo": demo}[argv[0]]
+        if argv[0] == "evaluate":
+            from asft_lightning.evaluate import evaluate as fn
+        else:
+            fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world, "demo": demo}[argv[0]]
         CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asft {fit,validate,test,direction,safelora,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
+        print("usage: asft {fit,validate,test,direction,safelora,evaluate,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
         if not argv:
             sys.exit(2)
         return

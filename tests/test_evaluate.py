@@ -152,7 +152,7 @@ def test_generations_are_completions_only(run):
 
 def test_deterministic_and_the_cli_signature(run, tiny_world, adapter, tmp_path):
     """A second run, through jsonargparse as ``asft evaluate`` will call it, writes byte-identical files."""
-    from jsonargparse import CLI
+    from asft_lightning.cli import main
 
     _, first, _, _ = run
     second = tmp_path / "out"
@@ -169,7 +169,8 @@ def test_deterministic_and_the_cli_signature(run, tiny_world, adapter, tmp_path)
         "--progress=false",
         "--verbose=false",
     ]
-    report = CLI(evaluate, args=args, as_positional=False)
+    main(["evaluate", *args])  # the `asft evaluate` entry point
+    report = json.loads((second / "eval.json").read_text())
     assert report["counts"]["harmful_prompts"] == LIMIT
     for name in ("generations.jsonl", "eval.json", "summary.md"):
         assert (second / name).read_bytes() == (first / name).read_bytes(), name
