@@ -88,6 +88,10 @@ class LoraAnchor:
         include_lora_scale: penalise ``s * B A`` (``s = alpha / r``) instead of ``B A``.
         penalty_fn: the per-module penalty, ``(direction, lora_A, lora_B) -> scalar``.
         direction_dtype: dtype the directions are kept in on the device (``None``: the LoRA weights' dtype).
+        zero3: the model runs under DeepSpeed ZeRO-3: register each layer's ``lora_A``/``lora_B`` weights as external
+            parameters of the layer, so DeepSpeed keeps them gathered through the layer's forward (where the hook
+            reads them) and gathers them again for the layer's backward (where the carrier hands them gradients).
+            Registering is bookkeeping only, so it may happen before ``deepspeed.initialize`` partitions them.
     """
 
     def __init__(
@@ -97,6 +101,7 @@ class LoraAnchor:
         include_lora_scale: bool = False,
         penalty_fn: PenaltyFn = default_penalty,
         direction_dtype: torch.dtype | None = None,
+        zero3: bool = False,
     ) -> None:
         self.layers = lora_layers(peft_model)
         self.directions = directions
@@ -109,6 +114,13 @@ class LoraAnchor:
         self._handles = [
             layer.register_forward_hook(self._make_hook(name), prepend=True) for name, layer in self.layers.items()
         ]
+        if zero3:
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            for layer in self.layers.values():
+                for factors in (layer.lora_A, layer.lora_B):
+                    for linear in factors.values():
+                        register_external_parameter(layer, linear.weight)
 
     def remove(self) -> None:
         """Detach all hooks."""

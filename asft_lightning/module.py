@@ -24,6 +24,7 @@ from torch import Tensor
 from asft_lightning.anchor import LoraAnchor, lora_layers, lora_shapes
 from asft_lightning.checkpoints import architecture_fingerprint, load_model_config, split_gguf
 from asft_lightning.direction import DirectionSet, load_direction
+from asft_lightning.strategies import gathered, hf_zero3_init, outside_zero_init, zero_stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -168,24 +169,29 @@ class AsFTModule(L.LightningModule):
             kwargs["gguf_file"] = self.gguf_file
         if hp.attn_implementation is not None:
             kwargs["attn_implementation"] = hp.attn_implementation
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        with hf_zero3_init(strategy):  # ZeRO-3: transformers loads the weights into the partitioned parameters
+            base = AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hp.adapter is not None:
-            peft_model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
-        else:
-            config = LoraConfig(
-                r=hp.lora_r,
-                lora_alpha=hp.lora_alpha,
-                lora_dropout=hp.lora_dropout,
-                target_modules=self.target_modules,
-                task_type="CAUSAL_LM",
-                bias="none",
-            )
-            try:
-                peft_model = get_peft_model(base, config)
-            except ValueError as err:
-                raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r}: {err}") from err
+        # ZeRO-3: LoRA factors are built whole (PEFT initialises / loads them as usual), deepspeed.initialize
+        # partitions them
+        with outside_zero_init():
+            if hp.adapter is not None:
+                peft_model = PeftModel.from_pretrained(base, hp.adapter, is_trainable=True)
+            else:
+                config = LoraConfig(
+                    r=hp.lora_r,
+                    lora_alpha=hp.lora_alpha,
+                    lora_dropout=hp.lora_dropout,
+                    target_modules=self.target_modules,
+                    task_type="CAUSAL_LM",
+                    bias="none",
+                )
+                try:
+                    peft_model = get_peft_model(base, config)
+                except ValueError as err:
+                    raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r}: {err}") from err
         layers = lora_layers(peft_model)
         if not layers:
             raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r} matched no module")
@@ -198,6 +204,7 @@ class AsFTModule(L.LightningModule):
                 self.directions.modules,
                 include_lora_scale=hp.include_lora_scale,
                 direction_dtype=DTYPES[hp.direction_dtype] if hp.direction_dtype else None,
+                zero3=zero_stage(strategy) == 3,
             )
 
     def configure_optimizers(self) -> Any:
@@ -312,6 +319,7 @@ class AsFTModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         target = self.adapter_dir()
-        if self.trainer.is_global_zero:
-            self.save_adapter(target)
+        with gathered(self.trainer.strategy, [p for p in self.parameters() if p.requires_grad]):  # ZeRO-3: on all ranks
+            if self.trainer.is_global_zero:
+                self.save_adapter(target)
         self.trainer.strategy.barrier("asft-save-adapter")

@@ -28,6 +28,7 @@ DeepSpeed-inference's tensor-parallel all-reduce), so the strategy marks it unav
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -159,6 +160,44 @@ def hf_zero3_init(strategy: Strategy | None) -> Iterator[None]:
         yield
     finally:
         unset_hf_deepspeed_config()
+
+
+@contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Build modules whole inside an active ``deepspeed.zero.Init`` (nothing to do when none is active).
+
+    Under ZeRO-3 a module built inside ``zero.Init`` is partitioned as soon as its ``__init__`` returns, so PEFT's
+    LoRA initialisation (``zeros_`` on ``lora_B``) and adapter loading would act on empty partitions. Built here, the
+    LoRA factors are ordinary tensors until ``deepspeed.initialize`` partitions them (from rank 0's values).
+    """
+    if "deepspeed" not in sys.modules:
+        yield
+        return
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    if pp.top_level_context is None:
+        yield
+        return
+    pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        pp.restore_init_context()
+
+
+@contextmanager
+def gathered(strategy: Strategy | None, params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Under ZeRO-3, gather ``params`` whole on every rank (read-only) for the duration; else do nothing.
+
+    Every rank must enter it (it is a collective), e.g. around a rank-0-only ``save_pretrained``.
+    """
+    if zero_stage(strategy) != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def disable_shm_comm() -> None:

@@ -1,0 +1,287 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 fits of the tiny world: parity with one process, consolidated adapter, resume.
+
+The CPU runs start ``asft fit`` in a subprocess with ``--trainer.devices=2 --trainer.strategy=deepspeed_cpu_stage_N``
+(two processes on gloo, 127.0.0.1; Lightning's launcher re-runs the ``asft`` command for rank 1), which is how a user
+runs it. :class:`LossRecorder` (this file, imported by the subprocess through ``PYTHONPATH``) all-gathers every rank's
+loss per step. The reference is a plain single-process loop over the same global batches: Lightning's
+``DistributedSampler`` (seed 42) gives rank ``r`` the permutation's entries ``r, r + 2, ...``, so step ``i``'s global
+batch is the two 4-example micro-batches the ranks see, and the data-parallel gradient is the mean of their
+gradients. fp32, LoRA dropout 0, the same starting adapter (non-zero A and B, so initialisation cannot differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+WORLD = 2
+MICRO_BATCH = 4
+N_TRAIN = 32  # 4 optimizer steps per epoch at a global batch of 8
+STEPS_PER_EPOCH = N_TRAIN // (WORLD * MICRO_BATCH)
+EPOCHS = 2
+LAM = 2.0
+LR = 3e-3
+
+
+class LossRecorder(Callback):
+    """Every optimizer step: all ranks' losses (all-gathered) and where each direction tensor lives.
+
+    Rank 0 writes ``{"steps": [{"step", "losses"}], "directions": {"first"|"last": {module: [dtype, device, id]}},
+    "lora_dtype"}`` to ``path`` at the end of fit.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.steps: list[dict] = []
+        self.directions: dict[str, dict] = {}
+
+    @staticmethod
+    def _placement(pl_module) -> dict[str, list]:
+        out = {}
+        for name, md in pl_module.anchor._placed.items():
+            t = md.direction if md.direction is not None else md.basis
+            out[name] = [str(t.dtype), str(t.device), id(t)]
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().float().reshape(1)
+        losses = trainer.strategy.all_gather(loss).flatten().tolist()
+        self.steps.append({"step": trainer.global_step, "losses": losses})
+        if pl_module.anchor is not None:
+            self.directions.setdefault("first", self._placement(pl_module))
+            self.directions["last"] = self._placement(pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            lora = next(p for n, p in pl_module.named_parameters() if "lora_A" in n)
+            Path(self.path).write_text(
+                json.dumps({"steps": self.steps, "directions": self.directions, "lora_dtype": str(lora.dtype)})
+            )
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def start_adapter(tiny_world, tmp_path_factory) -> str:
+    """A PEFT adapter with random non-zero A and B (so the runs cannot differ by initialisation), dropout 0."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_world["aligned"])
+    config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    path = tmp_path_factory.mktemp("start") / "adapter"
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def f64_direction(tiny_world, tmp_path_factory) -> str:
+    """The tiny world's direction stored in float64: the anchor must move it to the LoRA dtype (float32), once."""
+    from asft_lightning.direction import extract_direction
+
+    path = tmp_path_factory.mktemp("dir64") / "direction.safetensors"
+    extract_direction(tiny_world["aligned"], tiny_world["unaligned"], str(path), dtype="float64")
+    return str(path)
+
+
+def _fit_args(world, direction, adapter, out: Path, strategy: str, extra=()) -> list[str]:
+    return [
+        "fit",
+        f"--config={REPO / 'configs' / 'tiny.yaml'}",
+        f"--model.model={world['aligned']}",
+        f"--model.direction={direction}",
+        f"--model.lam={LAM}",
+        f"--model.adapter={adapter}",
+        f"--model.learning_rate={LR}",
+        f"--model.adapter_output={out / 'adapter'}",
+        f"--data.task_data={world['task']}",
+        f"--data.harmful_data={world['harmful']}",
+        f"--data.n={N_TRAIN}",
+        "--data.val_size=0",
+        f"--data.batch_size={MICRO_BATCH}",
+        "--trainer.max_steps=-1",
+        f"--trainer.max_epochs={EPOCHS}",
+        f"--trainer.devices={WORLD}",
+        f"--trainer.strategy={strategy}",
+        f"--trainer.default_root_dir={out}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks+=test_deepspeed.LossRecorder",
+        f"--trainer.callbacks.path={out / 'losses.json'}",
+        *extra,
+    ]
+
+
+def _asft(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the ``asft`` console script (Lightning re-launches it for the other ranks), one torch thread a rank."""
+    exe = Path(sys.executable).with_name("asft")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        # only used if an op must be compiled (deepspeed_cpu* compiles none by default); persistent, git-ignored
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+    }
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    return proc
+
+
+def _step_losses(path: Path) -> list[float]:
+    """Per optimizer step, the mean of the ranks' losses (the loss whose gradient the step applies)."""
+    steps = json.loads(path.read_text())["steps"]
+    return [sum(s["losses"]) / len(s["losses"]) for s in steps]
+
+
+def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _reference(world, direction, adapter, epochs: int = EPOCHS):
+    """Single process, no Lightning, no DeepSpeed: the same global batches, mean of the micro-batch losses, AdamW."""
+    from torch.utils.data import DistributedSampler
+
+    from asft_lightning.data import AsFTDataModule, collate
+    from asft_lightning.module import AsFTModule
+
+    data = AsFTDataModule(
+        tokenizer=world["aligned"], task_data=world["task"], harmful_data=world["harmful"], n=N_TRAIN,
+        harmful_ratio=0.5, val_size=0, max_length=64, batch_size=MICRO_BATCH, seed=42,
+    )  # fmt: skip
+    data.setup("fit")
+    module = AsFTModule(model=world["aligned"], direction=direction, lam=LAM, adapter=adapter, learning_rate=LR)
+    module.configure_model()
+    optimizer = module.configure_optimizers()
+    losses = []
+    for epoch in range(epochs):
+        orders = []
+        for rank in range(WORLD):
+            sampler = DistributedSampler(data.train_dataset, num_replicas=WORLD, rank=rank, shuffle=True, seed=42)
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        for step in range(STEPS_PER_EPOCH):
+            micro = [order[step * MICRO_BATCH : (step + 1) * MICRO_BATCH] for order in orders]
+            total = 0.0
+            for idx in micro:
+                batch = collate([data.train_dataset[i] for i in idx], data.pad_token_id)
+                total = total + module._step(batch, with_grad=True)["loss"]
+            loss = total / WORLD
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+    weights = {
+        k.removeprefix("model.").replace(".default", ""): v.detach().clone()
+        for k, v in module.state_dict().items()
+        if "lora_" in k
+    }
+    return losses, weights
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_world, f64_direction, start_adapter):
+    return _reference(tiny_world, f64_direction, start_adapter)
+
+
+def _assert_matches_reference(out: Path, reference, rtol_loss: float, atol_w: float) -> None:
+    ref_losses, ref_weights = reference
+    losses = _step_losses(out / "losses.json")
+    assert len(losses) == len(ref_losses) == EPOCHS * STEPS_PER_EPOCH
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=rtol_loss, atol=0)
+    got = _adapter_weights(out / "adapter")
+    assert got.keys() == ref_weights.keys()
+    for key, value in ref_weights.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=atol_w, msg=key)
+    # the LoRA weights moved (the comparison is not trivially between two copies of the start)
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
+def test_zero3_matches_single_process_and_resumes(tiny_world, f64_direction, start_adapter, reference, tmp_path):
+    ckpt_cb = [
+        "--trainer.enable_checkpointing=true",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}",
+        "--trainer.callbacks.filename={epoch}",
+        "--trainer.callbacks.save_top_k=-1",
+    ]
+    full = tmp_path / "full"
+    _asft(_fit_args(tiny_world, f64_direction, start_adapter, full, "deepspeed_cpu_stage_3", ckpt_cb), tmp_path)
+    _assert_matches_reference(full, reference, rtol_loss=1e-5, atol_w=1e-6)
+
+    # directions: moved once to the LoRA weights' dtype/device (float64 file -> float32), never re-placed
+    record = json.loads((full / "losses.json").read_text())
+    assert record["lora_dtype"] == "torch.float32"
+    assert record["directions"]["first"] == record["directions"]["last"]
+    assert {tuple(v[:2]) for v in record["directions"]["first"].values()} == {("torch.float32", "cpu")}
+
+    # the consolidated adapter loads with PEFT and gives the trained update
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]), str(full / "adapter"))
+    got = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert got and all(v.ndim == 2 and v.numel() > 0 for v in got.values())
+    for key, value in _adapter_weights(full / "adapter").items():
+        torch.testing.assert_close(got[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+
+    # resume from the end-of-epoch-0 checkpoint (a DeepSpeed checkpoint directory): the same trajectory
+    ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"
+    assert ckpt.is_dir(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed = tmp_path / "resumed"
+    _asft(
+        _fit_args(tiny_world, f64_direction, start_adapter, resumed, "deepspeed_cpu_stage_3") + [f"--ckpt_path={ckpt}"],
+        tmp_path,
+    )
+    full_losses = _step_losses(full / "losses.json")
+    resumed_losses = _step_losses(resumed / "losses.json")
+    assert len(resumed_losses) == STEPS_PER_EPOCH
+    torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(full_losses[STEPS_PER_EPOCH:]), rtol=1e-6, atol=0)
+    final = _adapter_weights(full / "adapter")
+    for key, value in _adapter_weights(resumed / "adapter").items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+def test_zero2_matches_single_process(tiny_world, f64_direction, start_adapter, reference, tmp_path):
+    out = tmp_path / "z2"
+    _asft(_fit_args(tiny_world, f64_direction, start_adapter, out, "deepspeed_cpu_stage_2"), tmp_path)
+    _assert_matches_reference(out, reference, rtol_loss=1e-5, atol_w=1e-6)
+
+
+def test_cpu_strategy_is_registered_and_refuses_other_accelerators():
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.strategies import StrategyRegistry
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from asft_lightning.strategies import DeepSpeedCPUStrategy, zero_stage
+
+    for name, stage in (("deepspeed_cpu", 2), ("deepspeed_cpu_stage_2", 2), ("deepspeed_cpu_stage_3", 3)):
+        strategy = StrategyRegistry.get(name)
+        assert isinstance(strategy, DeepSpeedCPUStrategy)
+        assert zero_stage(strategy) == stage
+        assert strategy.root_device == torch.device("cpu")
+    strategy = DeepSpeedCPUStrategy(stage=3, accelerator=CUDAAccelerator())
+    with pytest.raises(MisconfigurationException, match="accelerator=cpu"):
+        strategy.setup_environment()
