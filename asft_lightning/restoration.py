@@ -1,0 +1,365 @@
+"""Curvature-aware safety restoration of a LoRA fine-tune: a plain function over a PEFT model and batches.
+
+This is this project's concrete formulation of Bach et al. (arXiv 2511.18039, TMLR 2026), who publish no code
+(design.md section 4). With ``phi`` the LoRA parameters, ``L_h`` the loss on harmful prompts with harmful
+completions, ``L_t`` the loss on retain (task / benign) data and ``L_r`` the loss on refusals, each step
+
+    g   = grad_phi [ L_h(phi) - mu * L_r(phi) ]          ascent direction
+    d   = (H_t + lambda I)^{-1} g                        CG on Hessian-vector products of L_t, or L-BFGS
+    d   = d restricted to the top modules by |g_l^T d_l| (optional, "influence" selection)
+    eta = min(eta_max, sqrt(2 delta / d^T (H_t + lambda I) d))      trust region on the task curvature
+    phi = phi + eta * d
+
+and stops when ``L_h`` is back at the aligned reference's level (the model with the adapter disabled, or a
+given reference model), after ``max_steps``, or when ``L_t`` would rise more than ``task_loss_budget`` (the step
+is halved up to ``backtracks`` times first, then undone). The first-order baseline uses ``d = g`` with the same
+trust region. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from asft_lightning import curvature as cv
+
+Batch = dict[str, Tensor]
+AllReduce = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class RestorationConfig:
+    """Settings of :func:`restore` (each checked in ``__post_init__``)."""
+
+    method: Literal["curvature", "first_order"] = "curvature"
+    """``curvature``: precondition the ascent by ``(H_t + damping I)^{-1}``; ``first_order``: ``d = g`` (baseline)."""
+    solver: Literal["cg", "lbfgs"] = "cg"
+    """Inverse-curvature solver: conjugate gradient on HVPs, or the L-BFGS two-loop estimate (one HVP a step)."""
+    max_steps: int = 10
+    """Most restoration steps."""
+    damping: float = 1.0
+    """``lambda`` in ``H_t + lambda I`` (> 0); raised automatically when CG meets negative curvature."""
+    max_damping_increases: int = 4
+    """When CG meets negative curvature (``H_t`` is indefinite), multiply the damping by 4, up to this often."""
+    cg_max_iter: int = 10
+    """Most CG iterations per step."""
+    cg_tol: float = 1e-3
+    """CG relative residual tolerance."""
+    lbfgs_history: int = 10
+    """Curvature pairs kept by the L-BFGS solver."""
+    trust_region: float = 0.05
+    """``delta``: the step keeps ``1/2 eta^2 d^T (H_t + lambda I) d <= delta``."""
+    max_step_size: float = 10.0
+    """``eta_max``."""
+    refusal_weight: float = 0.0
+    """``mu``: also lower the loss on refusal pairs (needs refusal batches)."""
+    task_loss_budget: float = 0.1
+    """Most increase of the retain loss over its value before restoration (nats)."""
+    backtracks: int = 3
+    """Halvings of a step that breaks the task budget before it is undone and restoration stops."""
+    top_modules: int | None = None
+    """Update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all)."""
+    target_margin: float = 0.01
+    """Stop when ``L_h >= reference - target_margin``."""
+    land_on_target: bool = True
+    """Shorten a step that overshoots the reference (secant on ``L_h``), for the smallest sufficient update."""
+    hvp_method: cv.HVPMethod = "auto"
+    """HVP method (see :func:`asft_lightning.curvature.hvp`)."""
+    check_determinism: bool = False
+    """Compute the first HVP twice and fail if they differ (catches dropout left on)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.method not in ("curvature", "first_order"):
+            problems.append(f"method must be 'curvature' or 'first_order', got {self.method!r}")
+        if self.solver not in ("cg", "lbfgs"):
+            problems.append(f"solver must be 'cg' or 'lbfgs', got {self.solver!r}")
+        if self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
+        if not (self.damping > 0 and math.isfinite(self.damping)):
+            problems.append(f"damping must be in (0, inf), got {self.damping}")
+        if self.max_damping_increases < 0:
+            problems.append(f"max_damping_increases must be >= 0, got {self.max_damping_increases}")
+        if self.cg_max_iter < 1:
+            problems.append(f"cg_max_iter must be >= 1, got {self.cg_max_iter}")
+        if not self.cg_tol > 0:
+            problems.append(f"cg_tol must be > 0, got {self.cg_tol}")
+        if self.lbfgs_history < 1:
+            problems.append(f"lbfgs_history must be >= 1, got {self.lbfgs_history}")
+        if not self.trust_region > 0:
+            problems.append(f"trust_region must be > 0, got {self.trust_region}")
+        if not self.max_step_size > 0:
+            problems.append(f"max_step_size must be > 0, got {self.max_step_size}")
+        if self.refusal_weight < 0:
+            problems.append(f"refusal_weight must be >= 0, got {self.refusal_weight}")
+        if not self.task_loss_budget >= 0:
+            problems.append(f"task_loss_budget must be >= 0, got {self.task_loss_budget}")
+        if self.backtracks < 0:
+            problems.append(f"backtracks must be >= 0, got {self.backtracks}")
+        if self.top_modules is not None and self.top_modules < 1:
+            problems.append(f"top_modules must be >= 1 or None, got {self.top_modules}")
+        if problems:
+            raise ValueError("invalid restoration settings: " + "; ".join(problems))
+
+
+@dataclass
+class StepRecord:
+    """What one restoration step did."""
+
+    step: int
+    harmful_loss: float
+    task_loss: float
+    refusal_loss: float | None
+    step_size: float
+    quadratic: float
+    damping: float
+    cg_residual: float | None
+    cg_iterations: int | None
+    modules_touched: list[str]
+    backtracks: int
+    seconds: float
+
+
+@dataclass
+class RestorationResult:
+    """The outcome of :func:`restore`: the reference level, the trajectory, and why it stopped."""
+
+    reference_harmful_loss: float
+    initial_harmful_loss: float
+    initial_task_loss: float
+    final_harmful_loss: float
+    final_task_loss: float
+    stop_reason: str
+    restored: bool
+    records: list[StepRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean_loss(model: nn.Module, batches: Sequence[Batch]) -> Tensor:
+    """Mean over ``batches`` of the response-token cross-entropy (computed in the logits' dtype)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for batch in batches:
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        total = total + cv.causal_lm_loss(out.logits, batch["labels"].to(device))
+    return total / len(batches)
+
+
+def _functional(model: nn.Module, batches: Sequence[Batch]) -> cv.LossFn:
+    def loss_fn(params: cv.TensorDict) -> Tensor:
+        device = next(iter(params.values())).device
+        total = 0.0
+        for batch in batches:
+            out = torch.func.functional_call(
+                model,
+                params,
+                (),
+                {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)},
+                strict=False,
+            )
+            total = total + cv.causal_lm_loss(out.logits, batch["labels"].to(device))
+        return total / len(batches)
+
+    return loss_fn
+
+
+def _value_and_grad(loss_fn: cv.LossFn, params: cv.TensorDict) -> tuple[Tensor, cv.TensorDict]:
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with torch.enable_grad():
+        loss = loss_fn(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), {k: (g if g is not None else torch.zeros_like(v)) for (k, v), g in zip(leaves.items(), grads, strict=True)}
+
+
+def module_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """Group LoRA parameter names by their module (``...q_proj.lora_A.default.weight`` -> ``...q_proj``)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        module = name.split(".lora_")[0] if ".lora_" in name else name
+        groups.setdefault(module, []).append(name)
+    return groups
+
+
+def select_by_influence(g: cv.TensorDict, d: cv.TensorDict, top: int) -> tuple[cv.TensorDict, list[str]]:
+    """Keep ``d`` on the ``top`` modules with the largest ``|g_l^T d_l|``; zero elsewhere."""
+    groups = module_groups(list(d))
+    influence = {m: abs(float(sum((g[k] * d[k]).sum() for k in keys))) for m, keys in groups.items()}
+    chosen = sorted(influence, key=influence.get, reverse=True)[:top]
+    keep = {k for m in chosen for k in groups[m]}
+    return {k: (v if k in keep else torch.zeros_like(v)) for k, v in d.items()}, sorted(chosen)
+
+
+def _apply(model_params: dict[str, nn.Parameter], delta: cv.TensorDict, alpha: float) -> None:
+    with torch.no_grad():
+        for k, v in delta.items():
+            model_params[k].add_(v, alpha=alpha)
+
+
+def reference_harmful_loss(model: nn.Module, harmful: Sequence[Batch], reference: nn.Module | None = None) -> float:
+    """``L_h`` of the aligned reference: ``reference`` if given, else ``model`` with its adapter disabled."""
+    with torch.no_grad():
+        if reference is not None:
+            return float(mean_loss(reference, harmful))
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("reference_harmful_loss: the model is not a PEFT model; pass the aligned reference model")
+        with model.disable_adapter():
+            return float(mean_loss(model, harmful))
+
+
+def restore(
+    model: nn.Module,
+    harmful: Sequence[Batch],
+    retain: Sequence[Batch],
+    refusal: Sequence[Batch] | None = None,
+    config: RestorationConfig | None = None,
+    reference_loss: float | None = None,
+    all_reduce: AllReduce | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> RestorationResult:
+    """Steer a drifted LoRA fine-tune back to the aligned model's harmful loss, in place.
+
+    Args:
+        model: a PEFT model; its trainable parameters (the LoRA factors) are updated in place.
+        harmful: batches of harmful prompts with harmful completions (``input_ids``, ``attention_mask``,
+            ``labels`` with ``-100`` on prompt tokens), as :func:`asft_lightning.data.collate` makes.
+        retain: batches of task or benign data whose loss must be kept.
+        refusal: optional batches of harmful prompts with refusals (used when ``refusal_weight > 0``).
+        config: the settings; default :class:`RestorationConfig`.
+        reference_loss: the target ``L_h``; default: ``model`` with its adapter disabled.
+        all_reduce: mean across data-parallel ranks, applied to every loss, gradient and HVP (each rank holds
+            its own shard of the batches); ``None`` on one process.
+        on_step: called with each :class:`StepRecord` (progress bars, logging).
+
+    Returns:
+        A :class:`RestorationResult`.
+    """
+    cfg = config or RestorationConfig()
+    if not harmful:
+        raise ValueError("restore: no harmful batches (harmful data is empty)")
+    if not retain:
+        raise ValueError("restore: no retain batches (retain data is empty)")
+    if cfg.refusal_weight > 0 and not refusal:
+        raise ValueError(f"restore: refusal_weight={cfg.refusal_weight} > 0 needs refusal batches")
+    reduce = all_reduce or (lambda t: t)
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("restore: the model has no trainable (LoRA) parameters; load the adapter with is_trainable=True")
+    attention = cv.second_order_attention(model) if cfg.hvp_method != "finite_difference" else nullcontext()
+    try:
+        with attention:
+            return _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce, all_reduce, on_step, start)
+    finally:
+        model.train(was_training)
+
+
+def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce, all_reduce, on_step, start):
+    params = {k: p.detach() for k, p in named.items()}  # views: follow in-place updates
+    harm_fn = _functional(model, harmful)
+    task_fn = _functional(model, retain)
+    refusal_fn = _functional(model, refusal) if cfg.refusal_weight > 0 else None
+
+    def losses() -> tuple[float, float, float | None]:
+        with torch.no_grad():
+            h = float(reduce(harm_fn(params)))
+            t = float(reduce(task_fn(params)))
+            r = float(reduce(refusal_fn(params))) if refusal_fn else None
+        return h, t, r
+
+    def hessian(v: cv.TensorDict) -> cv.TensorDict:
+        """``H_t v`` (averaged across ranks when ``all_reduce`` is given)."""
+        return cv.hvp(task_fn, params, v, method=cfg.hvp_method, all_reduce=all_reduce)
+
+    if reference_loss is None:
+        reference_loss = float(reduce(torch.tensor(reference_harmful_loss(model, harmful))))
+    h0, t0, _ = losses()
+    h, t = h0, t0
+    result = RestorationResult(reference_loss, h0, t0, h0, t0, "max_steps", False, config=asdict(cfg))
+    if h0 >= reference_loss - cfg.target_margin:
+        result.stop_reason, result.restored = "already at the reference level", True
+        result.seconds = time.perf_counter() - start
+        return result
+    if cfg.check_determinism:
+        probe = {k: torch.randn_like(v) for k, v in params.items()}
+        cv.hvp(task_fn, params, probe, method=cfg.hvp_method, check_determinism=True)
+    damping = cfg.damping
+    history = cv.LBFGSHistory(max_size=cfg.lbfgs_history, damping=cfg.damping)
+    for step in range(1, cfg.max_steps + 1):
+        t_step = time.perf_counter()
+        _, g = _value_and_grad(harm_fn, params)
+        if refusal_fn is not None:
+            _, g_r = _value_and_grad(refusal_fn, params)
+            g = cv.axpy(-cfg.refusal_weight, g_r, g)
+        g = {k: reduce(v) for k, v in g.items()}
+        cg_residual = cg_iterations = None
+        if cfg.method == "first_order":
+            d = g
+        elif cfg.solver == "cg":
+            for _ in range(cfg.max_damping_increases + 1):
+                res = cv.conjugate_gradient(hessian, g, damping, max_iter=cfg.cg_max_iter, tol=cfg.cg_tol)
+                if not res.negative_curvature:
+                    break
+                damping *= 4.0  # H_t is indefinite away from a minimum: Levenberg-Marquardt-style increase
+            d, cg_residual, cg_iterations = res.solution, res.residual_history[-1], res.iterations
+        else:
+            gn = float(cv.norm(g))
+            if gn > 0:
+                history.collect(hessian, [cv.scale(g, 1.0 / gn)])
+            d = history.inverse(g)
+        touched = sorted(module_groups(list(d)))
+        if cfg.top_modules is not None:
+            d, touched = select_by_influence(g, d, cfg.top_modules)
+        quad = float(cv.dot(d, cv.axpy(damping, d, hessian(d))))
+        ascent = float(cv.dot(g, d))
+        if ascent <= 0 or not math.isfinite(ascent):
+            result.stop_reason = "no ascent direction (g^T d <= 0)"
+            break
+        eta = cfg.max_step_size if quad <= 0 else min(cfg.max_step_size, math.sqrt(2 * cfg.trust_region / quad))
+        h_prev = h
+        _apply(named, d, eta)
+        h, t, r = losses()
+        halvings = 0
+        while t - t0 > cfg.task_loss_budget and halvings < cfg.backtracks:
+            _apply(named, d, -eta / 2)
+            eta /= 2
+            halvings += 1
+            h, t, r = losses()
+        over_budget = t - t0 > cfg.task_loss_budget
+        if over_budget:
+            _apply(named, d, -eta)
+            h, t, r = losses()
+            eta = 0.0
+        elif cfg.land_on_target and h > reference_loss and h > h_prev:
+            # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
+            # reference instead of overshooting it, so that the update stays as small as the target allows.
+            landed = eta * (reference_loss - h_prev) / (h - h_prev)
+            _apply(named, d, landed - eta)
+            eta = landed
+            h, t, r = losses()
+        record = StepRecord(step, h, t, r, eta, quad, damping, cg_residual, cg_iterations, touched, halvings,
+                            time.perf_counter() - t_step)
+        result.records.append(record)
+        if on_step is not None:
+            on_step(record)
+        if over_budget:
+            result.stop_reason = f"task loss budget {cfg.task_loss_budget} reached (step undone)"
+            break
+        if h >= reference_loss - cfg.target_margin:
+            result.stop_reason, result.restored = "harmful loss back at the reference level", True
+            break
+    result.final_harmful_loss, result.final_task_loss = h, t
+    result.seconds = time.perf_counter() - start
+    return result
