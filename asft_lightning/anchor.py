@@ -130,6 +130,13 @@ class LoraAnchor:
 
     def start(self, with_grad: bool) -> None:
         """Begin recording one forward pass; ``with_grad`` attaches penalty gradients to the LoRA factors."""
+        layers = self.layers.values()
+        if self._handles and any(h.id not in layer._forward_hooks for h, layer in zip(self._handles, layers, strict=True)):
+            # an engine cleared the module hooks (Lightning's DeepSpeed validate/test setup does): attach them again,
+            # first again, so they still run before the engine's own post-forward hooks
+            self._handles = [
+                layer.register_forward_hook(self._make_hook(name), prepend=True) for name, layer in self.layers.items()
+            ]
         self._record = StepRecord()
         self._with_grad = with_grad
 

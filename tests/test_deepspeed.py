@@ -11,6 +11,7 @@ gradients. fp32, LoRA dropout 0, the same starting adapter (non-zero A and B, so
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -189,13 +190,25 @@ def _reference(world, direction, adapter, epochs: int = EPOCHS):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     weights = {
         k.removeprefix("model.").replace(".default", ""): v.detach().clone()
         for k, v in module.state_dict().items()
         if "lora_" in k
     }
     return losses, weights
+
+
+def _penalty_of(world, direction, adapter: Path) -> float:
+    """The adapter's AsFT penalty sum_l ||(I - C_l) B_l A_l||^2, computed in this process without any engine."""
+    from asft_lightning.module import AsFTModule
+
+    module = AsFTModule(model=world["aligned"], direction=direction, lam=LAM, adapter=str(adapter))
+    module.configure_model()
+    module.anchor.start(with_grad=False)
+    with torch.no_grad():
+        module(torch.tensor([[1, 2, 3]]))
+    return float(module.anchor.stop().total_penalty())
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +258,33 @@ def test_zero3_matches_single_process_and_resumes(tiny_world, f64_direction, sta
     assert got and all(v.ndim == 2 and v.numel() > 0 for v in got.values())
     for key, value in _adapter_weights(full / "adapter").items():
         torch.testing.assert_close(got[key.replace(".weight", ".default.weight")], value, rtol=0, atol=0)
+
+    # validate under ZeRO-3 (Lightning's DeepSpeed inference setup clears module hooks; the anchor re-attaches)
+    val = tmp_path / "val"
+    _asft(
+        [
+            "validate",
+            f"--config={REPO / 'configs' / 'tiny.yaml'}",
+            f"--model.model={tiny_world['aligned']}",
+            f"--model.direction={f64_direction}",
+            f"--model.lam={LAM}",
+            f"--model.adapter={full / 'adapter'}",
+            f"--data.task_data={tiny_world['task']}",
+            f"--data.harmful_data={tiny_world['harmful']}",
+            f"--data.n={N_TRAIN}",
+            "--data.val_size=16",
+            f"--trainer.devices={WORLD}",
+            "--trainer.strategy=deepspeed_cpu_stage_3",
+            f"--trainer.default_root_dir={val}",
+            "--trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
+    (metrics_file,) = val.rglob("metrics.csv")
+    (row,) = [r for r in csv.DictReader(metrics_file.open()) if r.get("val/penalty")]
+    expected = _penalty_of(tiny_world, f64_direction, full / "adapter")
+    torch.testing.assert_close(float(row["val/penalty"]), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(float(row["val/loss"]) - float(row["val/task_loss"]), LAM * expected, rtol=1e-4, atol=0)
 
     # resume from the end-of-epoch-0 checkpoint (a DeepSpeed checkpoint directory): the same trajectory
     ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"
