@@ -619,3 +619,48 @@ class AsFTDataModule(L.LightningDataModule):
         """Every row of ``test_data``, or the validation set when no ``test_data`` was given."""
         self._require_setup()
         return self._loader(self.test_dataset, shuffle=False) if self.test_dataset else []
+
+
+def load_samples(
+    source: str,
+    argument: str,
+    prompt_column: str,
+    response_column: str,
+    input_column: str | None = None,
+    limit: int | None = None,
+    cache_dir: str | None = None,
+) -> list[Sample]:
+    """Read (prompt, response) pairs from a data file or hub dataset, validated as the data module does.
+
+    Args:
+        source: a local JSON / JSONL / CSV / parquet file or folder, or a hub dataset id (``id:split``).
+        argument: the name of the argument that gave ``source`` (used in error messages).
+        prompt_column: column with the prompt (or instruction).
+        response_column: column with the response.
+        input_column: optional column joined to the prompt with a newline when non-empty.
+        limit: keep the first ``limit`` rows (``None``: all).
+        cache_dir: ``datasets`` cache folder.
+    """
+    columns = {"prompt": prompt_column, "input": input_column, "response": response_column}
+    arg_columns = {f"{argument}_{role}_column": col for role, col in columns.items()}
+    table = _load_table(source, argument, arg_columns, cache_dir)
+    rows = range(len(table) if limit is None else min(limit, len(table)))
+    return _samples(table, rows, columns, argument, source, argument)
+
+
+def sample_batches(
+    tokenizer: Any,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    max_length: int = 512,
+    template: str | None = None,
+    system_prompt: str | None = None,
+) -> list[dict[str, Tensor]]:
+    """Tokenise ``samples`` exactly as in training (loss on responses only) and collate fixed batches, in order."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for s in samples:
+        ex = encode_example(tokenizer, s.prompt, s.response, template, system_prompt, max_length)
+        ex.pop("truncated")
+        encoded.append(ex)
+    return [collate(encoded[i : i + batch_size], pad) for i in range(0, len(encoded), batch_size)]

@@ -261,6 +261,8 @@ def restore(
     attention = cv.second_order_attention(model) if cfg.hvp_method != "finite_difference" else nullcontext()
     try:
         with attention:
+            if cfg.hvp_method in ("double_backward", "forward_over_reverse"):
+                cv.check_second_order(model, cfg.hvp_method)  # raises, naming the attention kernel
             return _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce, all_reduce, on_step, start)
     finally:
         model.train(was_training)

@@ -1,0 +1,229 @@
+"""CurvatureRestoration: run curvature-aware safety restoration at the end of fit (or every N epochs)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from asft_lightning.curvature import HVPMethod
+from asft_lightning.restoration import RestorationConfig, RestorationResult, restore
+
+
+class CurvatureRestoration(Callback):
+    """Steer a LoRA fine-tune back to the aligned model's harmful loss with curvature-aware steps.
+
+    Works with any LightningModule whose ``model`` attribute is a PEFT model (e.g. ``AsFTModule``). At the end of
+    training (before the module writes its adapter) or every ``every_n_epochs`` epochs, it runs
+    :func:`asft_lightning.restoration.restore` on fixed batches: the first ``num_harmful`` rows of
+    ``harmful_data`` and ``num_retain`` retain rows (``retain_data``, or the task rows of the data module's
+    training set). Prompts are formatted with the data module's tokenizer, template and system prompt.
+    Method: this project's formulation of Bach et al., "Curvature-aware safety restoration", arXiv 2511.18039.
+
+    Under DDP the batches are split across ranks and losses, gradients and HVPs are averaged, so every rank takes
+    the same step. DeepSpeed is refused for now (its partitioned parameters need the engine-aware path).
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: asft_lightning.callbacks.CurvatureRestoration
+              init_args: {harmful_data: data/harmful.jsonl, max_steps: 10}
+
+    Args:
+        harmful_data: harmful prompts with harmful completions (JSON / JSONL / CSV / parquet).
+        retain_data: retain (task or benign) pairs; ``None``: the task rows of the training set.
+        refusal_data: optional harmful prompts with refusals (used when ``refusal_weight > 0``).
+        harmful_prompt_column: prompt column of ``harmful_data`` and ``refusal_data``.
+        harmful_response_column: response column of ``harmful_data`` and ``refusal_data``.
+        retain_prompt_column: prompt column of ``retain_data``.
+        retain_input_column: optional input column of ``retain_data``.
+        retain_response_column: response column of ``retain_data``.
+        num_harmful: harmful pairs used, >= 1.
+        num_retain: retain pairs used, >= 1.
+        batch_size: pairs per batch, >= 1.
+        every_n_epochs: also run after every N-th training epoch (``None``: only at the end of training).
+        method: ``curvature`` or ``first_order`` (baseline).
+        solver: ``cg`` or ``lbfgs``.
+        max_steps: most restoration steps per run, >= 1.
+        damping: initial damping of ``H_t + damping I``, > 0.
+        cg_max_iter: most CG iterations per step, >= 1.
+        trust_region: ``delta`` of the task trust region, > 0.
+        max_step_size: largest step multiplier, > 0.
+        refusal_weight: weight of the refusal loss, >= 0.
+        task_loss_budget: most increase of the retain loss in nats, >= 0.
+        top_modules: update only the most influential modules (``None``: all), >= 1.
+        hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference``.
+        report_name: file written into the log directory with every run's record.
+    """
+
+    def __init__(
+        self,
+        harmful_data: str,
+        retain_data: str | None = None,
+        refusal_data: str | None = None,
+        harmful_prompt_column: str = "prompt",
+        harmful_response_column: str = "response",
+        retain_prompt_column: str = "instruction",
+        retain_input_column: str | None = "input",
+        retain_response_column: str = "output",
+        num_harmful: int = 64,
+        num_retain: int = 64,
+        batch_size: int = 8,
+        every_n_epochs: int | None = None,
+        method: Literal["curvature", "first_order"] = "curvature",
+        solver: Literal["cg", "lbfgs"] = "cg",
+        max_steps: int = 10,
+        damping: float = 1.0,
+        cg_max_iter: int = 10,
+        trust_region: float = 0.05,
+        max_step_size: float = 10.0,
+        refusal_weight: float = 0.0,
+        task_loss_budget: float = 0.1,
+        top_modules: int | None = None,
+        hvp_method: HVPMethod = "auto",
+        report_name: str = "restoration.json",
+    ) -> None:
+        super().__init__()
+        problems = []
+        for name, value in (("num_harmful", num_harmful), ("num_retain", num_retain), ("batch_size", batch_size)):
+            if value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            problems.append(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
+        if refusal_weight > 0 and refusal_data is None:
+            problems.append(f"refusal_weight={refusal_weight} > 0 needs refusal_data")
+        if problems:
+            raise ValueError("CurvatureRestoration: " + "; ".join(problems))
+        try:
+            self.config = RestorationConfig(
+                method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
+                trust_region=trust_region, max_step_size=max_step_size, refusal_weight=refusal_weight,
+                task_loss_budget=task_loss_budget, top_modules=top_modules, hvp_method=hvp_method,
+            )
+        except ValueError as err:
+            raise ValueError(f"CurvatureRestoration: {err}") from err
+        self.harmful_data = harmful_data
+        self.retain_data = retain_data
+        self.refusal_data = refusal_data
+        self.columns = {
+            "harmful": (harmful_prompt_column, harmful_response_column),
+            "retain": (retain_prompt_column, retain_input_column, retain_response_column),
+        }
+        self.num_harmful = num_harmful
+        self.num_retain = num_retain
+        self.batch_size = batch_size
+        self.every_n_epochs = every_n_epochs
+        self.report_name = report_name
+        self.history: list[dict[str, Any]] = []
+        self._batches: tuple | None = None
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                "CurvatureRestoration does not support DeepSpeed strategies yet (ZeRO partitions the LoRA "
+                "parameters); run restoration after training with `asft restore`, or use ddp / a single device"
+            )
+        from asft_lightning.data import load_samples
+
+        # Validate the data files now, before any training.
+        self._samples = {
+            "harmful": load_samples(self.harmful_data, "harmful_data", *self.columns["harmful"], limit=self.num_harmful),
+            "refusal": load_samples(self.refusal_data, "refusal_data", *self.columns["harmful"])
+            if self.refusal_data else None,
+            "retain": load_samples(self.retain_data, "retain_data", self.columns["retain"][0],
+                                   self.columns["retain"][2], self.columns["retain"][1], limit=self.num_retain)
+            if self.retain_data else None,
+        }
+
+    def _peft_model(self, pl_module: L.LightningModule):
+        from peft import PeftModel
+
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, PeftModel):
+            raise TypeError(
+                f"CurvatureRestoration needs {type(pl_module).__name__}.model to be a peft.PeftModel, "
+                f"got {type(model).__name__}"
+            )
+        return model
+
+    def _make_batches(self, trainer: L.Trainer) -> tuple:
+        from asft_lightning.data import sample_batches
+
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "load_tokenizer"):
+            raise TypeError("CurvatureRestoration needs an AsFTDataModule (for the tokenizer and prompt template)")
+        tok = dm.load_tokenizer()
+        retain = self._samples["retain"]
+        if retain is None:
+            retain = [s for s in dm.train_samples if s.source == "task"][: self.num_retain]
+            if not retain:
+                raise ValueError("CurvatureRestoration: the training set has no task rows; give retain_data")
+
+        def batches(samples):
+            if samples is None:
+                return None
+            out = sample_batches(tok, samples, self.batch_size, dm.max_length, dm.template, dm.system_prompt)
+            world, rank = trainer.world_size, trainer.global_rank
+            if len(out) < world:
+                raise ValueError(
+                    f"CurvatureRestoration: {len(out)} batch(es) cannot be split over {world} processes; "
+                    "raise num_harmful / num_retain or lower batch_size"
+                )
+            return out[rank::world]
+
+        return batches(self._samples["harmful"]), batches(retain), batches(self._samples["refusal"])
+
+    # ----------------------------------------------------------------------------------------------- runs
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> RestorationResult:
+        """Run one restoration now, log it, and append it to :attr:`history`."""
+        model = self._peft_model(pl_module)
+        if self._batches is None:
+            self._batches = self._make_batches(trainer)
+        harmful, retain, refusal = self._batches
+        all_reduce = None
+        if trainer.world_size > 1:
+
+            def all_reduce(t):
+                return trainer.strategy.reduce(t, reduce_op="mean")
+
+        result = restore(model, harmful, retain, refusal, self.config, all_reduce=all_reduce)
+        entry = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, **result.to_dict()}
+        self.history.append(entry)
+        if trainer.logger is not None:
+            for record in result.records:
+                trainer.logger.log_metrics(
+                    {
+                        "restore/harmful_loss": record.harmful_loss,
+                        "restore/task_loss": record.task_loss,
+                        "restore/step_size": record.step_size,
+                    },
+                    step=trainer.global_step * 1000 + record.step,
+                )
+        if trainer.is_global_zero and trainer.log_dir:
+            from asft_lightning.direction import atomic_write_text
+
+            atomic_write_text(json.dumps(self.history, indent=2) + "\n", Path(trainer.log_dir) / self.report_name)
+        return result
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            if not trainer.fit_loop.done:
+                self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "config": asdict(self.config)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,253 @@
+"""Restoration: the algorithm on a tiny attacked model, the callback inside a fit, and `asft restore`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asft_lightning.cli import lightning_cli, main
+from asft_lightning.data import _load_tokenizer, load_samples, sample_batches
+from asft_lightning.restoration import RestorationConfig, mean_loss, restore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_world):
+    tok = _load_tokenizer(tiny_world["aligned"], None)
+    harmful = load_samples(tiny_world["harmful"], "harmful_data", "prompt", "response")
+    task = load_samples(tiny_world["task"], "task_data", "instruction", "output", "input")
+    return {
+        "train": sample_batches(tok, harmful[:100] + task[:100], batch_size=16, max_length=64),
+        "harmful": sample_batches(tok, harmful[100:148], batch_size=16, max_length=64),
+        "retain": sample_batches(tok, task[200:248], batch_size=16, max_length=64),
+    }
+
+
+def _attacked(path: str, train, seed: int = 0):
+    """The aligned tiny model after a harmful LoRA fine-tune (its harmful loss drops well below the aligned one)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(3):
+        for b in train:
+            loss = mean_loss(model, [b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def attacked_adapter(tiny_world, batches, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("attacked") / "adapter"
+    _attacked(tiny_world["aligned"], batches["train"]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        RestorationConfig(trust_region=0.02),
+        RestorationConfig(solver="lbfgs", trust_region=0.02),
+        RestorationConfig(method="first_order", trust_region=0.02),
+        RestorationConfig(trust_region=0.02, top_modules=1, max_steps=30),
+    ],
+    ids=["cg", "lbfgs", "first_order", "top1"],
+)
+def test_restore_raises_harmful_loss_to_the_reference(tiny_world, batches, config):
+    model = _attacked(tiny_world["aligned"], batches["train"])
+    with torch.no_grad(), model.disable_adapter():
+        reference = float(mean_loss(model, batches["harmful"]))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    result = restore(model, batches["harmful"], batches["retain"], config=config)
+    assert result.reference_harmful_loss == pytest.approx(reference, rel=1e-6)
+    assert result.initial_harmful_loss < reference - 0.2  # the attack really lowered it
+    assert result.restored and "reference level" in result.stop_reason
+    assert result.final_harmful_loss >= reference - config.target_margin
+    assert result.final_task_loss - result.initial_task_loss <= config.task_loss_budget
+    # the trajectory is recorded and the model really changed
+    assert result.records and all(r.step_size > 0 for r in result.records)
+    with torch.no_grad():
+        assert float(mean_loss(model, batches["harmful"])) == pytest.approx(result.final_harmful_loss, rel=1e-5)
+    changed = {k for k, v in model.state_dict().items() if "lora_" in k and not torch.equal(v, before[k])}
+    assert changed
+    if config.top_modules == 1:
+        assert all(len(r.modules_touched) == 1 for r in result.records)
+        touched = {m for r in result.records for m in r.modules_touched}
+        assert {k.split(".lora_")[0] for k in changed} <= touched
+
+
+def test_restore_stops_on_the_task_budget(tiny_world, batches):
+    model = _attacked(tiny_world["aligned"], batches["train"])
+    config = RestorationConfig(task_loss_budget=0.0, trust_region=0.5, backtracks=0)
+    result = restore(model, batches["harmful"], batches["retain"], config=config)
+    assert not result.restored and "budget" in result.stop_reason
+    assert result.final_task_loss <= result.initial_task_loss + 1e-6  # the offending step was undone
+
+
+def test_restore_bad_inputs(tiny_world, batches):
+    model = _attacked(tiny_world["aligned"], batches["train"][:1])
+    with pytest.raises(ValueError, match="no harmful batches"):
+        restore(model, [], batches["retain"])
+    with pytest.raises(ValueError, match="no retain batches"):
+        restore(model, batches["harmful"], [])
+    with pytest.raises(ValueError, match=r"damping must be in \(0, inf\), got 0"):
+        RestorationConfig(damping=0.0)
+    with pytest.raises(ValueError, match="refusal_weight=0.5 > 0 needs refusal batches"):
+        restore(model, batches["harmful"], batches["retain"], config=RestorationConfig(refusal_weight=0.5))
+
+
+def test_sdpa_model_is_restored_through_the_second_order_guard(tiny_world, batches):
+    """An SDPA model (no double backward on CPU) gives the same restoration as an eager one: the guard switches."""
+    results = []
+    for attn in ("eager", "sdpa"):
+        model = _attacked(tiny_world["aligned"], batches["train"])
+        model.base_model.model.config._attn_implementation = attn
+        res = restore(model, batches["harmful"], batches["retain"],
+                      config=RestorationConfig(trust_region=0.02, hvp_method="double_backward"))
+        assert model.base_model.model.config._attn_implementation == attn  # restored afterwards
+        results.append(res)
+    assert results[0].final_harmful_loss == pytest.approx(results[1].final_harmful_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_callback_inside_fit(tiny_world, tiny_direction, tmp_path):
+    out = tmp_path / "run"
+    cli = lightning_cli(
+        [
+            "fit",
+            f"--config={REPO / 'configs' / 'tiny.yaml'}",
+            f"--model.model={tiny_world['aligned']}",
+            f"--model.direction={tiny_direction}",
+            "--model.lam=0",
+            f"--model.adapter_output={out / 'adapter'}",
+            f"--data.task_data={tiny_world['task']}",
+            f"--data.harmful_data={tiny_world['harmful']}",
+            "--data.n=160",
+            "--data.harmful_ratio=0.5",
+            "--data.val_size=16",
+            "--trainer.max_steps=40",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=asft_lightning.callbacks.CurvatureRestoration",
+            f"--trainer.callbacks.harmful_data={tiny_world['harmful']}",
+            "--trainer.callbacks.num_harmful=48",
+            "--trainer.callbacks.trust_region=0.02",
+        ]
+    )
+    (report_path,) = out.rglob("restoration.json")
+    (run,) = json.loads(report_path.read_text())
+    assert run["initial_harmful_loss"] < run["reference_harmful_loss"]
+    assert run["restored"] and run["final_harmful_loss"] >= run["reference_harmful_loss"] - 0.01
+    # the adapter written at the end of fit is the restored one
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]), str(out / "adapter"))
+    trained = {k.removeprefix("model."): v for k, v in cli.model.state_dict().items() if "lora_" in k}
+    for key, value in loaded.state_dict().items():
+        if "lora_" in key:
+            torch.testing.assert_close(value, trained[key])
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "CurvatureRestoration")
+    assert callback.state_dict()["history"][0]["restored"]
+
+
+def test_callback_argument_checks():
+    from asft_lightning.callbacks import CurvatureRestoration
+
+    with pytest.raises(ValueError, match=r"num_harmful must be >= 1, got 0"):
+        CurvatureRestoration(harmful_data="x.jsonl", num_harmful=0)
+    with pytest.raises(ValueError, match=r"damping must be in \(0, inf\)"):
+        CurvatureRestoration(harmful_data="x.jsonl", damping=-1.0)
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 1"):
+        CurvatureRestoration(harmful_data="x.jsonl", every_n_epochs=0)
+
+
+def _restore_args(world, adapter, output, *extra):
+    return [
+        "restore",
+        f"--model={world['aligned']}",
+        f"--adapter={adapter}",
+        f"--harmful_data={world['harmful']}",
+        f"--retain_data={world['task']}",
+        f"--output={output}",
+        "--num_harmful=48",
+        "--num_retain=48",
+        "--batch_size=16",
+        "--max_length=64",
+        "--trust_region=0.02",
+        "--progress=false",
+        *extra,
+    ]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir()) if f.is_file()}
+
+
+def test_asft_restore_end_to_end(tiny_world, attacked_adapter, tmp_path):
+    inputs_before = _files(Path(attacked_adapter))
+    out = tmp_path / "restored"
+    main(_restore_args(tiny_world, attacked_adapter, out))
+    report = json.loads((out / "restoration_report.json").read_text())
+    result = report["result"]
+    assert result["restored"] and result["final_harmful_loss"] >= result["reference_harmful_loss"] - 0.01
+    assert report["inputs"]["num_harmful"] == 48 and report["inputs"]["adapter_sha256"]
+    assert _files(Path(attacked_adapter)) == inputs_before, "the input adapter was modified"
+    # the restored adapter loads with PEFT and has the reported harmful loss
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]), str(out)).eval()
+    tok = _load_tokenizer(tiny_world["aligned"], None)
+    harmful = sample_batches(tok, load_samples(tiny_world["harmful"], "h", "prompt", "response", limit=48), 16, 64)
+    with torch.no_grad():
+        assert float(mean_loss(model, harmful)) == pytest.approx(result["final_harmful_loss"], rel=1e-4)
+    # deterministic: a re-run (e.g. after a kill) gives the same adapter
+    main(_restore_args(tiny_world, attacked_adapter, out, "--overwrite=true"))
+    first = load_file(out / "adapter_model.safetensors")
+    out2 = tmp_path / "again"
+    main(_restore_args(tiny_world, attacked_adapter, out2))
+    second = load_file(out2 / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_asft_restore_bad_inputs(tiny_world, attacked_adapter, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from asft_lightning.tiny import tiny_llama_config
+
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match=r"damping must be in \(0, inf\)"):
+        main(_restore_args(tiny_world, attacked_adapter, out, "--damping=0"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = [f"--harmful_data={empty}" if a.startswith("--harmful_data") else a
+            for a in _restore_args(tiny_world, attacked_adapter, out)]
+    with pytest.raises(ValueError, match=rf"harmful_data.*{empty.name}.*empty|empty.*{empty.name}"):
+        main(args)
+    with pytest.raises(ValueError, match="must not be inside"):
+        main(_restore_args(tiny_world, attacked_adapter, Path(attacked_adapter) / "out"))
+    with pytest.raises(ValueError, match="reference_model"):
+        main([a for a in _restore_args(tiny_world, attacked_adapter, out) if not a.startswith("--adapter")])
+    # an adapter made for another base model
+    other = tmp_path / "other"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=80, hidden=16)).save_pretrained(other)
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(LlamaForCausalLM.from_pretrained(other), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(tmp_path / "other_adapter")
+    with pytest.raises(Exception, match="other_adapter"):
+        main(_restore_args(tiny_world, tmp_path / "other_adapter", out))
+    assert not out.exists()
