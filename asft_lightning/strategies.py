@@ -28,6 +28,7 @@ DeepSpeed-inference's tensor-parallel all-reduce), so the strategy marks it unav
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -215,4 +216,22 @@ def zero_stage(strategy: Strategy | None) -> int:
     return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
 
 
+def _deepspeed_logs_to_stderr() -> None:
+    """Send DeepSpeed's log records to stderr instead of stdout (no DeepSpeed import needed).
+
+    DeepSpeed's logger writes to stdout, and it logs as soon as it is imported (its accelerator detection), which
+    jsonargparse does while resolving a DeepSpeed strategy's arguments: ``asft fit --print_config`` would print a
+    log line before the YAML. A filter on the ``DeepSpeed`` logger hands each record to a stderr handler instead.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"))
+
+    def to_stderr(record: logging.LogRecord) -> bool:
+        handler.handle(record)
+        return False
+
+    logging.getLogger("DeepSpeed").addFilter(to_stderr)
+
+
 DeepSpeedCPUStrategy.register_strategies(StrategyRegistry)
+_deepspeed_logs_to_stderr()

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 fits of the tiny world: parity with one process, consolidated adapter, resume.
 
-The CPU runs start ``asft fit`` in a subprocess with ``--trainer.devices=2 --trainer.strategy=deepspeed_cpu_stage_N``
-(two processes on gloo, 127.0.0.1; Lightning's launcher re-runs the ``asft`` command for rank 1), which is how a user
-runs it. :class:`LossRecorder` (this file, imported by the subprocess through ``PYTHONPATH``) all-gathers every rank's
+The CPU runs start ``asft fit`` in a subprocess, as a user does: ZeRO-3 with ``--config configs/deepspeed/cpu_zero3.yaml``,
+ZeRO-2 with ``--trainer.devices=2 --trainer.strategy=deepspeed_cpu_stage_2`` (two processes on gloo, 127.0.0.1;
+Lightning's launcher re-runs the ``asft`` command for rank 1). :class:`LossRecorder` (this file, imported by the subprocess through ``PYTHONPATH``) all-gathers every rank's
 loss per step. The reference is a plain single-process loop over the same global batches: Lightning's
 ``DistributedSampler`` (seed 42) gives rank ``r`` the permutation's entries ``r, r + 2, ...``, so step ``i``'s global
 batch is the two 4-example micro-batches the ranks see, and the data-parallel gradient is the mean of their
@@ -31,6 +31,8 @@ STEPS_PER_EPOCH = N_TRAIN // (WORLD * MICRO_BATCH)
 EPOCHS = 2
 LAM = 2.0
 LR = 3e-3
+# ZeRO-3 through the shipped config (exclude_frozen_parameters), ZeRO-2 through the registered strategy name
+CPU_ZERO3 = [f"--config={REPO / 'configs' / 'deepspeed' / 'cpu_zero3.yaml'}"]
 
 
 class LossRecorder(Callback):
@@ -99,10 +101,11 @@ def f64_direction(tiny_world, tmp_path_factory) -> str:
     return str(path)
 
 
-def _fit_args(world, direction, adapter, out: Path, strategy: str, extra=()) -> list[str]:
+def _fit_args(world, direction, adapter, out: Path, strategy: list[str], extra=()) -> list[str]:
     return [
         "fit",
         f"--config={REPO / 'configs' / 'tiny.yaml'}",
+        *strategy,
         f"--model.model={world['aligned']}",
         f"--model.direction={direction}",
         f"--model.lam={LAM}",
@@ -117,7 +120,6 @@ def _fit_args(world, direction, adapter, out: Path, strategy: str, extra=()) -> 
         "--trainer.max_steps=-1",
         f"--trainer.max_epochs={EPOCHS}",
         f"--trainer.devices={WORLD}",
-        f"--trainer.strategy={strategy}",
         f"--trainer.default_root_dir={out}",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
@@ -240,7 +242,7 @@ def test_zero3_matches_single_process_and_resumes(tiny_world, f64_direction, sta
         "--trainer.callbacks.save_top_k=-1",
     ]
     full = tmp_path / "full"
-    _asft(_fit_args(tiny_world, f64_direction, start_adapter, full, "deepspeed_cpu_stage_3", ckpt_cb), tmp_path)
+    _asft(_fit_args(tiny_world, f64_direction, start_adapter, full, CPU_ZERO3, ckpt_cb), tmp_path)
     _assert_matches_reference(full, reference, rtol_loss=1e-5, atol_w=1e-6)
 
     # directions: moved once to the LoRA weights' dtype/device (float64 file -> float32), never re-placed
@@ -289,9 +291,15 @@ def test_zero3_matches_single_process_and_resumes(tiny_world, f64_direction, sta
     # resume from the end-of-epoch-0 checkpoint (a DeepSpeed checkpoint directory): the same trajectory
     ckpt = tmp_path / "ckpt" / "epoch=0.ckpt"
     assert ckpt.is_dir(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    shards = sorted(ckpt.rglob("*model_states.pt"))
+    assert len(shards) == WORLD
+    for shard in shards:  # the frozen base model is not in the checkpoint (it is reloaded from model.model)
+        state = torch.load(shard, map_location="cpu", weights_only=False)
+        assert not state.get("frozen_param_fragments"), shard
+        assert all("lora_" in k for k in state["module"]), [k for k in state["module"] if "lora_" not in k][:3]
     resumed = tmp_path / "resumed"
     _asft(
-        _fit_args(tiny_world, f64_direction, start_adapter, resumed, "deepspeed_cpu_stage_3") + [f"--ckpt_path={ckpt}"],
+        _fit_args(tiny_world, f64_direction, start_adapter, resumed, CPU_ZERO3) + [f"--ckpt_path={ckpt}"],
         tmp_path,
     )
     full_losses = _step_losses(full / "losses.json")
@@ -306,7 +314,7 @@ def test_zero3_matches_single_process_and_resumes(tiny_world, f64_direction, sta
 @pytest.mark.slow
 def test_zero2_matches_single_process(tiny_world, f64_direction, start_adapter, reference, tmp_path):
     out = tmp_path / "z2"
-    _asft(_fit_args(tiny_world, f64_direction, start_adapter, out, "deepspeed_cpu_stage_2"), tmp_path)
+    _asft(_fit_args(tiny_world, f64_direction, start_adapter, out, ["--trainer.strategy=deepspeed_cpu_stage_2"]), tmp_path)
     _assert_matches_reference(out, reference, rtol_loss=1e-5, atol_w=1e-6)
 
 
