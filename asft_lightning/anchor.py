@@ -36,17 +36,23 @@ def default_penalty(md: ModuleDirection, lora_A: Tensor, lora_B: Tensor) -> Tens
     return md.penalty(lora_A, lora_B)
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 class _PenaltyCarrier(torch.autograd.Function):
     """Identity on the layer output; a second output carries the penalty value with precomputed gradients."""
 
     @staticmethod
     def forward(ctx, output, lora_A, lora_B, value, grad_A, grad_B):  # noqa: D417
-        ctx.save_for_backward(grad_A, grad_B)
+        # kept as plain attributes, not save_for_backward: they are constants of this step, and saved tensors would be
+        # packed by activation checkpointing, whose recomputation (no penalty recorded) would then save fewer tensors
+        ctx.grads = (grad_A, grad_B)
         return output.view_as(output), value.clone()
 
     @staticmethod
     def backward(ctx, grad_output, grad_value):
-        grad_A, grad_B = ctx.saved_tensors
+        grad_A, grad_B = ctx.grads
         return grad_output, grad_value * grad_A, grad_value * grad_B, None, None, None
 
 
@@ -165,7 +171,9 @@ class LoraAnchor:
             md = self._placed_direction(name, weight_A)
             scale2 = float(module.scaling[adapter]) ** 2 if self.include_lora_scale else 1.0
             track = self._with_grad and torch.is_grad_enabled() and (weight_A.requires_grad or weight_B.requires_grad)
-            with torch.enable_grad():
+            # the penalty's own small graph lives and dies here: keep it out of activation checkpointing's
+            # saved-tensor hooks (a checkpointed layer would otherwise count its tensors, and recompute without them)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 a = weight_A.detach().requires_grad_(track)
                 b = weight_B.detach().requires_grad_(track)
                 raw = self.penalty_fn(md, a, b)

@@ -31,8 +31,9 @@ STEPS_PER_EPOCH = N_TRAIN // (WORLD * MICRO_BATCH)
 EPOCHS = 2
 LAM = 2.0
 LR = 3e-3
-# ZeRO-3 through the shipped config (exclude_frozen_parameters), ZeRO-2 through the registered strategy name
-CPU_ZERO3 = [f"--config={REPO / 'configs' / 'deepspeed' / 'cpu_zero3.yaml'}"]
+# ZeRO-3 through the shipped config (exclude_frozen_parameters) with activation checkpointing (the penalty hooks run
+# again in the recomputation, where they must add nothing), ZeRO-2 through the registered strategy name
+CPU_ZERO3 = [f"--config={REPO / 'configs' / 'deepspeed' / 'cpu_zero3.yaml'}", "--model.gradient_checkpointing=true"]
 
 
 class LossRecorder(Callback):
