@@ -70,6 +70,12 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
                 f"{type(self.accelerator).__name__} was selected: set trainer.accelerator=cpu, or use "
                 "trainer.strategy=deepspeed_stage_N on GPUs"
             )
+        precision = self.precision_plugin.precision
+        if precision in ("16-mixed", "16-true"):
+            raise MisconfigurationException(
+                f"DeepSpeed on CPU has no fp16 (trainer.precision={precision}): use 32-true, or bf16-mixed if the CPU "
+                "supports bfloat16"
+            )
         from deepspeed.accelerator import get_accelerator
 
         if get_accelerator().device_name() != "cpu":

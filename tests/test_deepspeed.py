@@ -161,8 +161,11 @@ def _adapter_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def _reference(world, direction, adapter, epochs: int = EPOCHS):
-    """Single process, no Lightning, no DeepSpeed: the same global batches, mean of the micro-batch losses, AdamW."""
+def _reference(world, direction, adapter, world_size: int = WORLD, micro_batch: int = MICRO_BATCH, epochs: int = EPOCHS):
+    """Single process, no Lightning, no DeepSpeed: the same global batches, mean of the micro-batch losses, AdamW.
+
+    Returns the per-step losses, the final LoRA weights (adapter-file keys) and the per-step penalties.
+    """
     from torch.utils.data import DistributedSampler
 
     from asft_lightning.data import AsFTDataModule, collate
@@ -170,36 +173,37 @@ def _reference(world, direction, adapter, epochs: int = EPOCHS):
 
     data = AsFTDataModule(
         tokenizer=world["aligned"], task_data=world["task"], harmful_data=world["harmful"], n=N_TRAIN,
-        harmful_ratio=0.5, val_size=0, max_length=64, batch_size=MICRO_BATCH, seed=42,
+        harmful_ratio=0.5, val_size=0, max_length=64, batch_size=micro_batch, seed=42,
     )  # fmt: skip
     data.setup("fit")
     module = AsFTModule(model=world["aligned"], direction=direction, lam=LAM, adapter=adapter, learning_rate=LR)
     module.configure_model()
     optimizer = module.configure_optimizers()
-    losses = []
+    losses, penalties = [], []
     for epoch in range(epochs):
         orders = []
-        for rank in range(WORLD):
-            sampler = DistributedSampler(data.train_dataset, num_replicas=WORLD, rank=rank, shuffle=True, seed=42)
+        for rank in range(world_size):
+            sampler = DistributedSampler(data.train_dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=42)
             sampler.set_epoch(epoch)
             orders.append(list(sampler))
-        for step in range(STEPS_PER_EPOCH):
-            micro = [order[step * MICRO_BATCH : (step + 1) * MICRO_BATCH] for order in orders]
+        for step in range(N_TRAIN // (world_size * micro_batch)):
+            micro = [order[step * micro_batch : (step + 1) * micro_batch] for order in orders]
             total = 0.0
             for idx in micro:
-                batch = collate([data.train_dataset[i] for i in idx], data.pad_token_id)
-                total = total + module._step(batch, with_grad=True)["loss"]
-            loss = total / WORLD
+                out = module._step(collate([data.train_dataset[i] for i in idx], data.pad_token_id), with_grad=True)
+                total = total + out["loss"]
+            loss = total / world_size
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            penalties.append(float(out["penalty"]))
     weights = {
         k.removeprefix("model.").replace(".default", ""): v.detach().clone()
         for k, v in module.state_dict().items()
         if "lora_" in k
     }
-    return losses, weights
+    return losses, weights, penalties
 
 
 def _penalty_of(world, direction, adapter: Path) -> float:
@@ -216,7 +220,10 @@ def _penalty_of(world, direction, adapter: Path) -> float:
 
 @pytest.fixture(scope="module")
 def reference(tiny_world, f64_direction, start_adapter):
-    return _reference(tiny_world, f64_direction, start_adapter)
+    losses, weights, penalties = _reference(tiny_world, f64_direction, start_adapter)
+    # the penalty is a large part of the loss (so a wrong or missing penalty gradient cannot hide in the tolerance)
+    assert LAM * penalties[0] > 0.3 * losses[0], (penalties, losses)
+    return losses, weights
 
 
 def _assert_matches_reference(out: Path, reference, rtol_loss: float, atol_w: float) -> None:
@@ -320,7 +327,8 @@ def test_zero2_matches_single_process(tiny_world, f64_direction, start_adapter, 
 
 
 def test_cpu_strategy_is_registered_and_refuses_other_accelerators():
-    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
     from lightning.pytorch.strategies import StrategyRegistry
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -334,3 +342,80 @@ def test_cpu_strategy_is_registered_and_refuses_other_accelerators():
     strategy = DeepSpeedCPUStrategy(stage=3, accelerator=CUDAAccelerator())
     with pytest.raises(MisconfigurationException, match="accelerator=cpu"):
         strategy.setup_environment()
+    fp16 = DeepSpeedCPUStrategy(stage=3, accelerator=CPUAccelerator(), precision_plugin=DeepSpeedPrecision("16-mixed"))
+    with pytest.raises(MisconfigurationException, match="no fp16.*32-true"):
+        fp16.setup_environment()
+
+
+def test_penalty_with_activation_checkpointing_matches_without(tiny_world, tiny_direction, start_adapter):
+    """The penalty hooks run again in checkpointing's recomputation; they must add nothing there (ZeRO-3 at scale
+    needs activation checkpointing)."""
+    from asft_lightning.module import AsFTModule
+
+    module = AsFTModule(model=tiny_world["aligned"], direction=tiny_direction, lam=LAM, adapter=start_adapter,
+                        gradient_checkpointing=True)  # fmt: skip
+    module.configure_model()
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    results = []
+    for checkpointing in (True, False):
+        if not checkpointing:
+            module.model.base_model.model.gradient_checkpointing_disable()
+        module.zero_grad()
+        out = module._step(batch, with_grad=True)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        results.append((out["loss"].detach(), out["penalty"], grads))
+    (loss_gc, pen_gc, grads_gc), (loss, pen, grads) = results
+    assert float(pen) > 0
+    torch.testing.assert_close(loss_gc, loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(pen_gc, pen, rtol=1e-6, atol=0)
+    assert grads.keys() == grads_gc.keys() and len(grads) == 8
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_gc[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _single_device_bf16(world, direction, adapter, out: Path, accelerator: str, strategy: str, cwd: Path) -> None:
+    """One device, bf16-mixed, the whole global batch (8) per step, one epoch: compare with the fp32 reference."""
+    extra = [
+        f"--trainer.accelerator={accelerator}",
+        "--trainer.devices=1",
+        "--trainer.precision=bf16-mixed",
+        "--trainer.max_epochs=1",
+        f"--data.batch_size={WORLD * MICRO_BATCH}",
+        "--model.dtype=bfloat16",
+    ]
+    _asft(_fit_args(world, direction, adapter, out, [f"--trainer.strategy={strategy}"], extra), cwd)
+    ref_losses, ref_weights, _ = _reference(world, direction, adapter, world_size=1, micro_batch=WORLD * MICRO_BATCH, epochs=1)
+    losses = _step_losses(out / "losses.json")
+    assert len(losses) == len(ref_losses) == STEPS_PER_EPOCH
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=3e-2, atol=0)
+    # the LoRA update (final - start) agrees with the fp32 one to bf16 accuracy
+    start, got = _adapter_weights(Path(adapter)), _adapter_weights(out / "adapter")
+    assert got.keys() == ref_weights.keys()
+    diff = sum(float(((got[k].float() - start[k]) - (ref_weights[k] - start[k])).norm() ** 2) for k in got) ** 0.5
+    update = sum(float((ref_weights[k] - start[k]).norm() ** 2) for k in got) ** 0.5
+    assert update > 0 and diff < 0.1 * update, (diff, update)
+    # the float64 CPU direction is placed once, in the LoRA weights' dtype (DeepSpeed's bf16 makes ZeRO-2's LoRA
+    # weights bf16; under ZeRO-3 PEFT's float32 LoRA factors stay float32) on the LoRA weights' device
+    record = json.loads((out / "losses.json").read_text())
+    assert record["lora_dtype"] in ("torch.bfloat16", "torch.float32")
+    assert record["directions"]["first"] == record["directions"]["last"]
+    device = "cuda:0" if accelerator == "gpu" else "cpu"
+    assert {tuple(v[:2]) for v in record["directions"]["first"].values()} == {(record["lora_dtype"], device)}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gpu_bf16_zero_matches_fp32_reference(stage, tiny_world, f64_direction, start_adapter, tmp_path):
+    """Lightning's own deepspeed_stage_N on one GPU, bf16: the float64 CPU direction is moved to the GPU in bf16 once,
+    the loss and LoRA update follow the fp32 single-process reference, the adapter is consolidated."""
+    out = tmp_path / f"gpu_z{stage}"
+    _single_device_bf16(tiny_world, f64_direction, start_adapter, out, "gpu", f"deepspeed_stage_{stage}", tmp_path)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]), str(out / "adapter"))
+    assert sum(1 for k in loaded.state_dict() if "lora_" in k) == 8
