@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from asft_lightning.direction import ModuleDirection
-from asft_lightning.regularizers import update_energy
+from asft_lightning.regularizers import sign_aware_penalty, update_energy
 
 PenaltyFn = Callable[[ModuleDirection, Tensor, Tensor], Tensor]
 PEFT_PREFIX = "base_model.model."
@@ -93,6 +93,8 @@ class LoraAnchor:
         directions: per base-model module name, its :class:`ModuleDirection`.
         include_lora_scale: penalise ``s * B A`` (``s = alpha / r``) instead of ``B A``.
         penalty_fn: the per-module penalty, ``(direction, lora_A, lora_B) -> scalar``.
+        sign_weight: weight of this project's sign-aware extension ``relu(-<B A, V>_F / ||V||_F)^2``, added to
+            each module's penalty (needs the full ``V``); the drift statistics leave it out.
         direction_dtype: dtype the directions are kept in on the device (``None``: the LoRA weights' dtype).
         zero3: the model runs under DeepSpeed ZeRO-3: register each layer's ``lora_A``/``lora_B`` weights as external
             parameters of the layer, so DeepSpeed keeps them gathered through the layer's forward (where the hook
@@ -106,6 +108,7 @@ class LoraAnchor:
         directions: dict[str, ModuleDirection],
         include_lora_scale: bool = False,
         penalty_fn: PenaltyFn = default_penalty,
+        sign_weight: float = 0.0,
         direction_dtype: torch.dtype | None = None,
         zero3: bool = False,
     ) -> None:
@@ -113,6 +116,10 @@ class LoraAnchor:
         self.directions = directions
         self.include_lora_scale = include_lora_scale
         self.penalty_fn = penalty_fn
+        self.sign_weight = float(sign_weight)
+        if self.sign_weight and any(md.direction is None for md in directions.values()):
+            raise ValueError("sign_weight > 0 needs the full direction V in the direction file (projector safelora "
+                             "without rank/energy); this file keeps only a low-rank basis")
         self.direction_dtype = direction_dtype
         self._placed: dict[str, ModuleDirection] = {}
         self._record: StepRecord | None = None
@@ -176,13 +183,16 @@ class LoraAnchor:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 a = weight_A.detach().requires_grad_(track)
                 b = weight_B.detach().requires_grad_(track)
-                raw = self.penalty_fn(md, a, b)
+                residual = self.penalty_fn(md, a, b)
+                raw = residual
+                if self.sign_weight:
+                    raw = residual + self.sign_weight * sign_aware_penalty(a, b, md.direction)
                 if track:
                     grad_a, grad_b = torch.autograd.grad(raw * scale2, (a, b))
             raw = raw.detach()
             with torch.no_grad():
                 record.energies[name] = update_energy(a.detach(), b.detach())
-                record.residuals[name] = raw
+                record.residuals[name] = residual.detach()
             value = raw * scale2
             if track:
                 output, value = _PenaltyCarrier.apply(output, weight_A, weight_B, value, grad_a, grad_b)

@@ -81,6 +81,9 @@ class AsFTModule(L.LightningModule):
         lora_dropout: dropout on the LoRA input.
         target_modules: modules to adapt: a list of name suffixes, or one regular expression (PEFT semantics).
         include_lora_scale: penalise ``(alpha / r) * B A`` instead of ``B A`` (the published code omits the scale).
+        sign_weight: weight of this project's sign-aware extension ``relu(-<B A, V>_F / ||V||_F)^2`` per module,
+            added to the AsFT penalty (penalises updates that move against the alignment direction, which the
+            orthogonal penalty cannot see); needs a direction file with the full ``V``. ``0``: the published AsFT.
         adapter: an existing PEFT adapter directory to continue from (trainable) instead of a fresh LoRA.
         learning_rate: AdamW learning rate when ``optimizer`` is not given.
         weight_decay: AdamW weight decay when ``optimizer`` is not given.
@@ -106,6 +109,7 @@ class AsFTModule(L.LightningModule):
         lora_dropout: float = 0.05,
         target_modules: list[str] | str = ("q_proj", "v_proj"),
         include_lora_scale: bool = False,
+        sign_weight: float = 0.0,
         adapter: str | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
@@ -126,6 +130,8 @@ class AsFTModule(L.LightningModule):
             problems.append(f"lam must be >= 0, got {lam}")
         if lam > 0 and direction is None:
             problems.append("lam > 0 needs a direction file (model.direction); set lam: 0 for plain LoRA SFT")
+        if sign_weight < 0:
+            problems.append(f"sign_weight must be >= 0, got {sign_weight}")
         if lora_r < 1:
             problems.append(f"lora_r must be >= 1, got {lora_r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -150,6 +156,11 @@ class AsFTModule(L.LightningModule):
             if local:
                 fingerprint = architecture_fingerprint(load_model_config(self.model_path, self.gguf_file))
                 self.directions.check_model(fingerprint, model)
+            if sign_weight > 0 and any(md.direction is None for md in self.directions.modules.values()):
+                raise ValueError(
+                    f"{direction}: sign_weight > 0 needs the full direction V, but this file keeps only a low-rank "
+                    "basis; extract it with projector: safelora and no rank/energy"
+                )
         self.model: torch.nn.Module | None = None
         self.anchor: LoraAnchor | None = None
         self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
@@ -203,6 +214,7 @@ class AsFTModule(L.LightningModule):
                 peft_model,
                 self.directions.modules,
                 include_lora_scale=hp.include_lora_scale,
+                sign_weight=hp.sign_weight,
                 direction_dtype=DTYPES[hp.direction_dtype] if hp.direction_dtype else None,
                 zero3=zero_stage(strategy) == 3,
             )
@@ -307,6 +319,7 @@ class AsFTModule(L.LightningModule):
             "direction": self.directions.path if self.directions else None,
             "projector": self.directions.metadata["projector"] if self.directions else None,
             "include_lora_scale": self.hparams.include_lora_scale,
+            "sign_weight": self.hparams.sign_weight,
             "final_train_drift_ratio": self._last_drift,
             "global_step": self.global_step if self._trainer is not None else None,
         }

@@ -109,3 +109,50 @@ def test_anchor_zero_update_has_zero_penalty(tiny_world, tiny_direction):
     record = anchor.stop()
     assert float(record.total_penalty()) == 0.0
     assert float(record.drift_ratio()) == 0.0
+
+
+def test_sign_aware_extension_matches_dense_autograd(tiny_world, tmp_path):
+    """lam * sum_l [||(I - C) B A||^2 + w relu(-<B A, V> / ||V||)^2], in float64, against dense autograd."""
+    directions = extract_direction(
+        tiny_world["aligned"], tiny_world["unaligned"], str(tmp_path / "d.safetensors"), dtype="float64"
+    )
+    model = _peft_model(tiny_world["aligned"], seed=4)
+    # make some modules move against V so the relu is active for them
+    for name, layer in lora_layers(model).items():
+        v = directions.modules[name].direction
+        if "q_proj" in name:
+            a = layer.lora_A["default"].weight
+            layer.lora_B["default"].weight.data = -(v @ a.data.T) / a.data.norm() ** 2 * 3.0
+    ids = torch.randint(5, 40, (2, 9), generator=torch.Generator().manual_seed(1))
+    weight = 2.5
+
+    def dense(layer, md):
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        v = md.direction
+        along = (b @ a * v).sum() / md.norm
+        return _dense_penalty(layer, md, False) + weight * torch.relu(-along) ** 2
+
+    model.zero_grad()
+    anchor = LoraAnchor(model, directions.modules, sign_weight=weight)
+    anchor.start(with_grad=True)
+    logits = model(input_ids=ids).logits
+    record = anchor.stop()
+    anchor.remove()
+    (logits.square().mean() + record.total_penalty()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    layers = lora_layers(model)
+    pen = sum(dense(layer, directions.modules[n]) for n, layer in layers.items())
+    (logits.square().mean() + pen).backward()
+    active = [n for n, layer in layers.items() if float(dense(layer, directions.modules[n])) >
+              float(_dense_penalty(layer, directions.modules[n], False))]
+    assert active, "the sign-aware term is active on no module"
+    torch.testing.assert_close(record.total_penalty().detach(), pen.detach(), rtol=1e-11, atol=0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-13, msg=n)
+    # the drift statistics leave the extension out
+    for n, layer in layers.items():
+        torch.testing.assert_close(record.residuals[n], _dense_penalty(layer, directions.modules[n], False).detach(),
+                                   rtol=1e-11, atol=0)
