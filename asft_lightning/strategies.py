@@ -19,7 +19,7 @@ Example::
     asft fit --config configs/tiny.yaml --trainer.devices=2 --trainer.strategy=deepspeed_cpu_stage_3
 
 DeepSpeed's CPU accelerator builds a shared-memory all-reduce op (``deepspeed_shm_comm``, a C++ extension compiled
-on first use, about 90 s on 2 cores) when its communication backend starts. ZeRO training never calls it (it is
+on first use: about 80 s on 2 cores) when its communication backend starts. ZeRO training never calls it (it is
 DeepSpeed-inference's tensor-parallel all-reduce), so the strategy marks it unavailable by default
 (``shm_comm=False``) and nothing is compiled. With ``shm_comm=True`` the op is built once into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``).
@@ -149,13 +149,14 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
 
 @contextmanager
 def hf_zero3_init(strategy: Strategy | None) -> Iterator[None]:
-    """Tell transformers and PEFT that models built inside this context are ZeRO-3 partitioned.
+    """Tell transformers that a model loaded inside this context is ZeRO-3 partitioned.
 
     Lightning builds the model (``configure_model``) inside ``deepspeed.zero.Init`` under ZeRO-3, so every parameter is
-    partitioned as soon as its module exists. ``from_pretrained`` then loads weights through
-    ``GatheredParameters`` (rank 0 reads the files) and PEFT initialises LoRA factors gathered, but only when
-    transformers' DeepSpeed switch (a global weak reference to an ``HfDeepSpeedConfig``) is on. The switch is on only
-    inside this context, so later models in the same process are not affected. Nothing happens without ZeRO-3.
+    partitioned as soon as its module exists. ``from_pretrained`` then loads the weights through
+    ``GatheredParameters`` (rank 0 reads the files) and skips its own initialisation of partitioned tensors, but only
+    when transformers' DeepSpeed switch (a global weak reference to an ``HfDeepSpeedConfig``) is on; without it the
+    load fails on the empty partitions. The switch is on only inside this context, so later models in the same
+    process are not affected. Nothing happens without ZeRO-3.
     """
     if zero_stage(strategy) != 3:
         yield
