@@ -124,9 +124,7 @@ class LoraAnchor:
         self._placed: dict[str, ModuleDirection] = {}
         self._record: StepRecord | None = None
         self._with_grad = False
-        self._handles = [
-            layer.register_forward_hook(self._make_hook(name), prepend=True) for name, layer in self.layers.items()
-        ]
+        self._handles = self._attach()
         if zero3:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
@@ -134,6 +132,10 @@ class LoraAnchor:
                 for factors in (layer.lora_A, layer.lora_B):
                     for linear in factors.values():
                         register_external_parameter(layer, linear.weight)
+
+    def _attach(self) -> list:
+        # prepended: the hook must run before any engine's post-forward hook (which may free the LoRA weights)
+        return [layer.register_forward_hook(self._make_hook(name), prepend=True) for name, layer in self.layers.items()]
 
     def remove(self) -> None:
         """Detach all hooks."""
@@ -145,11 +147,8 @@ class LoraAnchor:
         """Begin recording one forward pass; ``with_grad`` attaches penalty gradients to the LoRA factors."""
         layers = self.layers.values()
         if self._handles and any(h.id not in layer._forward_hooks for h, layer in zip(self._handles, layers, strict=True)):
-            # an engine cleared the module hooks (Lightning's DeepSpeed validate/test setup does): attach them again,
-            # first again, so they still run before the engine's own post-forward hooks
-            self._handles = [
-                layer.register_forward_hook(self._make_hook(name), prepend=True) for name, layer in self.layers.items()
-            ]
+            # an engine cleared the module hooks (Lightning's DeepSpeed validate/test setup does): attach them again
+            self._handles = self._attach()
         self._record = StepRecord()
         self._with_grad = with_grad
 
