@@ -175,3 +175,26 @@ def build_tiny_world(root: str | Path, seed: int = 0, hidden: int = 32, train_st
         Path(paths[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     marker.write_text(json.dumps({"seed": seed, "hidden": hidden}))
     return paths
+
+
+def lora_attack(model_path: str, batches: list, epochs: int = 3, lr: float = 3e-3, seed: int = 0):
+    """A LoRA (r=8, alpha=32, q_proj/v_proj) fine-tune of ``model_path`` on ``batches``: the harmful-fine-tuning
+    attack that restoration tests start from. Returns the PEFT model (LoRA dropout 0, deterministic by ``seed``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from asft_lightning.restoration import mean_loss
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_path),
+        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(epochs):
+        for batch in batches:
+            loss = mean_loss(model, [batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from asft_lightning.cli import lightning_cli, main
 from asft_lightning.data import _load_tokenizer, load_samples, sample_batches
 from asft_lightning.restoration import RestorationConfig, mean_loss, restore
+from asft_lightning.tiny import lora_attack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,22 +31,7 @@ def batches(tiny_world):
 
 def _attacked(path: str, train, seed: int = 0):
     """The aligned tiny model after a harmful LoRA fine-tune (its harmful loss drops well below the aligned one)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(path),
-        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(3):
-        for b in train:
-            loss = mean_loss(model, [b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model
+    return lora_attack(path, train, seed=seed)
 
 
 @pytest.fixture(scope="module")
