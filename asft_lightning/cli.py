@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import asft_lightning.strategies  # noqa: F401  (registers the deepspeed_cpu* strategy names)
 
-EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "restore", "tiny-world", "demo")
+EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "restore", "prepare-demo", "tiny-world", "demo")
 
 
 class AsFTCLI(LightningCLI):
@@ -218,12 +218,14 @@ def main(argv: list[str] | None = None) -> None:
             from asft_lightning.evaluate import evaluate as fn
         elif argv[0] == "restore":
             from asft_lightning.restore_command import restore_adapter as fn
+        elif argv[0] == "prepare-demo":
+            from asft_lightning.world import prepare_demo as fn
         else:
             fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world, "demo": demo}[argv[0]]
         CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asft {fit,validate,test,direction,safelora,evaluate,restore,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
+        print("usage: asft {fit,validate,test,direction,safelora,evaluate,restore,prepare-demo,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
         if not argv:
             sys.exit(2)
         return
