@@ -59,6 +59,7 @@ from asft_lightning.checkpoints import sha256_file
 from asft_lightning.direction import atomic_write_text
 
 __all__ = [
+    "ADVBENCH_FRAMES",
     "ARCHIVES",
     "BENIGN_EVAL_TEMPLATES",
     "BENIGN_TRAIN_TEMPLATES",
@@ -72,6 +73,7 @@ __all__ = [
     "build_task_split",
     "ensure_archive",
     "ensure_member",
+    "frame_prompts",
     "near_duplicate_groups",
     "parse_advbench",
     "parse_snippets",
@@ -673,6 +675,95 @@ BENIGN_EVAL_TEMPLATES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 """Benign held-out instructions (over-refusal): other templates, other topics."""
 
+# AdvBench's own instruction frames (its most frequent openings) with benign topics: the alignment data must show
+# that the *form* of a request is neutral, or the model learns "Write a guide on how to ..." -> refuse. Only the
+# training set uses these topics; the evaluation set has its own (some of its templates are such frames too).
+ADVBENCH_FRAMES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        (
+            "Provide step-by-step instructions for how to {}", "Write a tutorial on how to {}",
+            "Create a tutorial on how to {}", "Write a guide on how to {}", "Give instructions for how to {}",
+            "Teach people how to {}", "Describe in detail how to {}", "Give step-by-step instructions for how to {}",
+            "Instruct users how to {}", "Provide a tutorial on how to {}", "Provide a step-by-step guide on how to {}",
+            "Provide guidance on how to {}", "Instruct people on how to {}", "Provide instructions on how to {}",
+            "Give detailed instructions on how to {}", "Explain how to {}", "Create a guide on how to {}",
+            "Teach someone how to {}", "Provide advice on how to {}", "Generate instructions on how to {}",
+            "Demonstrate how to {}", "Show people how to {}", "Develop a plan to {}", "Outline a plan to {}",
+            "Create a video tutorial on how to {}",
+        ),
+        (
+            "grow herbs on a windowsill", "make homemade pizza dough", "clean a cast iron pan",
+            "sew a button onto a shirt", "train a dog to sit", "build a birdhouse", "make a paper crane",
+            "learn to ride a bicycle", "organise a bookshelf", "make hot chocolate", "start a compost bin",
+            "paint a bedroom wall", "improve your memory", "make a cheese sandwich", "save water at home",
+            "plan a road trip", "draw a simple portrait", "care for a pet rabbit", "make a kite", "write a haiku",
+            "start a podcast about cooking", "keep a cat entertained indoors", "make fresh orange juice",
+            "set up a home aquarium", "decorate a birthday cake", "learn basic chess openings",
+            "memorise a short poem", "make a flower crown", "clean windows without streaks", "bake a sponge cake",
+            "prepare a healthy lunchbox", "learn to whistle", "fix a squeaky door", "make a bird feeder",
+            "choose running shoes", "start learning the piano", "make a family tree", "pack a suitcase neatly",
+            "plant a tree", "make a snowman", "reduce food waste at home", "make a photo album",
+            "organise a charity book sale", "teach a parrot to talk", "grow strawberries in pots",
+            "make a cup of chai", "stretch before a run", "write a thank-you card", "get better at drawing",
+            "raise money for an animal shelter", "set up a chess club at school", "build a sandcastle",
+            "make a simple website for a bakery", "clean a bathroom quickly", "make vegetable soup",
+            "learn the names of the stars", "keep a garden free of weeds", "make a board game at home",
+            "improve your posture", "make friends at a new school",
+        ),
+    ),
+    (
+        (
+            "Write a script that {}", "Develop a program that {}", "Create a program that {}",
+            "Write a program that {}", "Develop a tool that {}", "Develop an app that {}",
+            "Develop a mobile app that {}", "Create a website that {}", "Design a website that {}",
+            "Create a bot that {}", "Develop an algorithm that {}",
+        ),
+        (
+            "keeps track of my daily water intake", "converts a recipe to metric units",
+            "reminds students of homework deadlines", "shows the weather forecast for my town",
+            "helps people find volunteer opportunities", "counts how many steps I walk",
+            "plays a simple number guessing game", "sorts my music library by artist",
+            "suggests a recipe from the ingredients in my fridge", "turns numbers into Roman numerals",
+            "tracks library book due dates", "calculates the tip on a restaurant bill",
+            "helps students practise multiplication tables", "organises a family chore schedule",
+            "checks a text for spelling mistakes", "lets neighbours share garden tools",
+            "finds the shortest walking route to the park", "reminds me to water my plants",
+            "creates a shopping list from a meal plan", "tracks a monthly household budget",
+            "recommends books based on ones I liked", "shows local bus times",
+        ),
+    ),
+    (
+        (
+            "Write a blog post that {}", "Create a social media post that {}", "Write a social media post that {}",
+            "Generate a message that {}", "Write a letter that {}", "Produce a podcast episode that {}",
+            "Write a speech that {}", "Create a poster that {}",
+        ),
+        (
+            "encourages people to drink more water", "celebrates local volunteers",
+            "invites neighbours to a street party", "thanks teachers for their hard work",
+            "promotes a free concert in the park", "encourages kids to read more books",
+            "welcomes new students to the school", "reminds people to wear sunscreen",
+            "announces a community garden opening", "encourages people to adopt shelter pets",
+            "shares tips for saving energy at home", "congratulates a team on winning a match",
+            "encourages people to donate blood", "promotes a charity fun run",
+        ),
+    ),
+)
+"""Benign training prompts in AdvBench's instruction frames: (frames, topics) groups."""
+
+
+def frame_prompts(per_frame: int = 4, seed: int = 0) -> list[str]:
+    """``per_frame`` distinct benign prompts for every frame of :data:`ADVBENCH_FRAMES`, topics dealt in a seeded order."""
+    rng = random.Random(f"frames-{seed}")
+    out = []
+    for frames, topics in ADVBENCH_FRAMES:
+        order = list(topics)
+        rng.shuffle(order)
+        for i, frame in enumerate(frames):
+            out += [frame.format(order[(i * per_frame + j) % len(order)]) + "." for j in range(per_frame)]
+    return out
+
+
 SNIPPET_TRAIN_TEMPLATES: tuple[str, ...] = (
     "Rewrite this sentence in simpler words:\n{}",
     "Summarize the following text in one sentence:\n{}",
@@ -694,18 +785,18 @@ def build_benign_prompts(
     n_train: int,
     n_eval: int,
     seed: int = 0,
-    snippet_share: float = 0.5,
+    snippet_share: float = 0.4,
     eval_snippet_share: float = 0.3,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Benign instructions for alignment (``train``) and for measuring over-refusal (``eval``).
 
-    ``train``: every template x topic of :data:`BENIGN_TRAIN_TEMPLATES` (or a seeded sample when ``n_train`` is
-    smaller), topped up with snippet instructions (:data:`SNIPPET_TRAIN_TEMPLATES`) so that about ``snippet_share``
-    of the rows use a snippet. ``eval``: the same from the ``EVAL`` templates with ``eval_snippet_share``. The
+    ``train``: every template x topic of :data:`BENIGN_TRAIN_TEMPLATES` and the AdvBench-frame prompts of
+    :func:`frame_prompts` (or a seeded sample of them when ``n_train`` is smaller), topped up with snippet
+    instructions (:data:`SNIPPET_TRAIN_TEMPLATES`) so that at least ``snippet_share`` of the rows use a snippet. ``eval``: the same from the ``EVAL`` templates with ``eval_snippet_share``. The
     snippets come from ``unused_snippets`` (never task data), sources interleaved; train and eval snippets differ.
 
     Returns:
-        ``(train, eval)``, rows ``{"prompt", "kind"}`` with ``kind`` = ``template`` or ``snippet``.
+        ``(train, eval)``, rows ``{"prompt", "kind"}`` with ``kind`` = ``template``, ``frame`` or ``snippet``.
     """
     rng = random.Random(f"benign-{seed}")
     pools = {label: list(texts) for label, texts in sorted(unused_snippets.items())}
@@ -721,8 +812,8 @@ def build_benign_prompts(
         return [{"prompt": templates[(start + i) % len(templates)].format(t), "kind": "snippet"}
                 for i, t in enumerate(texts)]
 
-    def assemble(templates, snip_templates, n, share, texts) -> list[dict[str, str]]:
-        generic = template_rows(templates)
+    def assemble(templates, snip_templates, n, share, texts, extra=()) -> list[dict[str, str]]:
+        generic = template_rows(templates) + [{"prompt": p, "kind": "frame"} for p in extra]
         rng.shuffle(generic)
         n_snip = max(n - len(generic), round(n * share))
         rows = generic[: n - n_snip] + snippet_rows(snip_templates, texts[:n_snip], rng.randrange(1000))
@@ -733,7 +824,9 @@ def build_benign_prompts(
     if n_eval_snip + n_train > len(pool):
         raise ValueError(f"not enough unused snippets ({len(pool)}) for {n_train} + {n_eval_snip} benign prompts")
     eval_rows = assemble(BENIGN_EVAL_TEMPLATES, SNIPPET_EVAL_TEMPLATES, n_eval, eval_snippet_share, pool[:n_eval_snip])
-    train_rows = assemble(BENIGN_TRAIN_TEMPLATES, SNIPPET_TRAIN_TEMPLATES, n_train, snippet_share, pool[n_eval_snip:])
+    train_rows = assemble(
+        BENIGN_TRAIN_TEMPLATES, SNIPPET_TRAIN_TEMPLATES, n_train, snippet_share, pool[n_eval_snip:], frame_prompts(4, seed)
+    )
     return train_rows, eval_rows
 
 
@@ -992,9 +1085,10 @@ def prepare_demo(
     n_align: int | None = None,
     task_train_per_class: int = 300,
     task_test_per_class: int = 50,
-    n_benign_train: int = 480,
+    n_benign_train: int = 640,
     n_benign_eval: int = 100,
-    answer_max_new_tokens: int = 64,
+    benign_max_new_tokens: int = 48,
+    harmful_max_new_tokens: int = 64,
     align_steps: int = 100,
     align_lr: float = 2e-5,
     align_batch_size: int = 8,
@@ -1035,7 +1129,8 @@ def prepare_demo(
         task_test_per_class: Task test rows per source.
         n_benign_train: Benign instructions answered by the unaligned model for the alignment fine-tune.
         n_benign_eval: Held-out benign instructions for measuring over-refusal.
-        answer_max_new_tokens: Most tokens of the unaligned model's answers (benign and harmful).
+        benign_max_new_tokens: Most tokens of the unaligned model's answers to the benign training prompts.
+        harmful_max_new_tokens: Most tokens of the unaligned model's answers to the attack prompts.
         align_steps: Optimisation steps of the alignment fine-tune.
         align_lr: Peak learning rate of the alignment fine-tune (AdamW, warm-up then linear decay).
         align_batch_size: Examples per alignment step.
@@ -1055,7 +1150,8 @@ def prepare_demo(
     for name, value, low in (
         ("n_attack", n_attack, 1), ("n_eval", n_eval, 1), ("task_train_per_class", task_train_per_class, 1),
         ("task_test_per_class", task_test_per_class, 1), ("n_benign_train", n_benign_train, 1),
-        ("n_benign_eval", n_benign_eval, 1), ("answer_max_new_tokens", answer_max_new_tokens, 1),
+        ("n_benign_eval", n_benign_eval, 1), ("benign_max_new_tokens", benign_max_new_tokens, 1),
+        ("harmful_max_new_tokens", harmful_max_new_tokens, 1),
         ("align_steps", align_steps, 1), ("align_batch_size", align_batch_size, 1),
         ("align_max_length", align_max_length, 16), ("eval_max_new_tokens", eval_max_new_tokens, 1),
         ("task_max_new_tokens", task_max_new_tokens, 1), ("generation_batch_size", generation_batch_size, 1),
@@ -1146,10 +1242,11 @@ def prepare_demo(
                 "benign": {
                     "train_prompts": len(benign_train),
                     "eval_prompts": len(benign_eval),
-                    "train_kinds": {k: sum(r["kind"] == k for r in benign_train) for k in ("template", "snippet")},
-                    "eval_kinds": {k: sum(r["kind"] == k for r in benign_eval) for k in ("template", "snippet")},
+                    "train_kinds": {k: sum(r["kind"] == k for r in benign_train) for k in ("template", "frame", "snippet")},
+                    "eval_kinds": {k: sum(r["kind"] == k for r in benign_eval) for k in ("template", "frame", "snippet")},
                 },
                 "refusal_templates": len(REFUSAL_TEMPLATES),
+                "files": {name: sha256_file(root / name) for name in data_files},
             }
 
         data = world.run("data", data_settings, data_files, build_data)
@@ -1166,12 +1263,12 @@ def prepare_demo(
         from asft_lightning.metrics import KeywordJudge
 
         judge = KeywordJudge()  # case-sensitive, as the GCG code
-        gen_settings = {"model": unaligned["key"], "max_new_tokens": answer_max_new_tokens}
+        files = data["files"]  # content digests: a stage reruns only when the data it reads changed
 
         def build_benign_answers() -> dict:
             prompts = [r["prompt"] for r in _read_jsonl(root / "benign_train_prompts.jsonl")]
             model, tok = _load_model(root / "unaligned")
-            answers = _answer(model, tok, prompts, generation_batch_size, answer_max_new_tokens, verbose,
+            answers = _answer(model, tok, prompts, generation_batch_size, benign_max_new_tokens, verbose,
                               "benign answers")
             kept = [{"prompt": p, "response": a, "finished": f} for p, (a, f) in zip(prompts, answers, strict=True)
                     if a.strip() and judge.refusal_phrase(a) is None]
@@ -1179,13 +1276,18 @@ def prepare_demo(
             return {"prompts": len(prompts), "kept": len(kept), "dropped_refusal_or_empty": len(prompts) - len(kept),
                     "finished": sum(r["finished"] for r in kept)}
 
-        benign = world.run("benign_answers", {**gen_settings, "data": data["key"]}, ["benign_train.jsonl"],
-                           build_benign_answers)
+        benign = world.run(
+            "benign_answers",
+            {"model": unaligned["key"], "max_new_tokens": benign_max_new_tokens,
+             "prompts": files["benign_train_prompts.jsonl"], "version": 1},
+            ["benign_train.jsonl"],
+            build_benign_answers,
+        )
 
         def build_harmful() -> dict:
             prompts = [r["prompt"] for r in _read_jsonl(root / "advbench_attack.jsonl")]
             model, tok = _load_model(root / "unaligned")
-            answers = _answer(model, tok, prompts, generation_batch_size, answer_max_new_tokens, verbose,
+            answers = _answer(model, tok, prompts, generation_batch_size, harmful_max_new_tokens, verbose,
                               "harmful answers")
             rows = [{"prompt": p, "response": a, "finished": f, "refusal_phrase": judge.refusal_phrase(a)}
                     for p, (a, f) in zip(prompts, answers, strict=True)]
@@ -1196,11 +1298,16 @@ def prepare_demo(
                                                                   or not r["response"].strip()])
             return {"prompts": len(prompts), "kept": len(kept), "dropped_refused_or_empty": len(prompts) - len(kept)}
 
-        harmful = world.run("harmful_pairs", {**gen_settings, "data": data["key"]},
-                            ["harmful_attack.jsonl", "harmful_attack_dropped.jsonl"], build_harmful)
+        harmful = world.run(
+            "harmful_pairs",
+            {"model": unaligned["key"], "max_new_tokens": harmful_max_new_tokens,
+             "prompts": files["advbench_attack.jsonl"], "version": 1},
+            ["harmful_attack.jsonl", "harmful_attack_dropped.jsonl"],
+            build_harmful,
+        )
 
         # ------------------------------------------------------------------ 5. aligned model (full fine-tune)
-        align_settings = {"unaligned": unaligned["key"], "data": data["key"], "benign": benign["key"],
+        align_settings = {"unaligned": unaligned["key"], "refusals": files["refusals.jsonl"], "benign": benign["key"],
                           "steps": align_steps, "lr": align_lr, "batch_size": align_batch_size,
                           "max_length": align_max_length, "seed": seed, "version": 1}
 
@@ -1237,7 +1344,8 @@ def prepare_demo(
             for which, stage in (("unaligned", unaligned), ("aligned", aligned)):
                 world.run(
                     f"eval_{which}",
-                    {"model": stage["key"], "data": data["key"], "max_new_tokens": eval_max_new_tokens,
+                    {"model": stage["key"], "max_new_tokens": eval_max_new_tokens,
+                     "data": [files[f] for f in ("advbench_eval.jsonl", "benign_eval.jsonl", "task_test.jsonl")],
                      "task_max_new_tokens": task_max_new_tokens, "batch_size": generation_batch_size, "version": 1},
                     [f"eval/{which}"],
                     lambda which=which: _measure(root, which, judge, eval_max_new_tokens, task_max_new_tokens,

@@ -146,9 +146,21 @@ def test_benign_prompts_disjoint_from_task_and_each_other():
     eval_snips = {snippet_of(r) for r in b_eval if r["kind"] == "snippet"}
     assert train_snips and eval_snips and not train_snips & eval_snips
     train_topics = {t for _, topics in W.BENIGN_TRAIN_TEMPLATES for t in topics}
+    train_topics |= {t for _, topics in W.ADVBENCH_FRAMES for t in topics}
     eval_topics = {t for _, topics in W.BENIGN_EVAL_TEMPLATES for t in topics}
     assert not train_topics & eval_topics
     assert not {t for t, _ in W.BENIGN_TRAIN_TEMPLATES} & {t for t, _ in W.BENIGN_EVAL_TEMPLATES}
+    kinds = {r["kind"] for r in b_train}
+    assert kinds == {"template", "frame", "snippet"} and {r["kind"] for r in b_eval} == {"template", "snippet"}
+
+
+def test_frame_prompts_cover_every_frame_once_per_topic():
+    prompts = W.frame_prompts(per_frame=4, seed=0)
+    assert prompts == W.frame_prompts(per_frame=4, seed=0)
+    assert len(prompts) == len(set(prompts)) == 4 * sum(len(frames) for frames, _ in W.ADVBENCH_FRAMES)
+    for frames, _ in W.ADVBENCH_FRAMES:
+        for frame in frames:
+            assert sum(p.startswith(frame.split("{}")[0]) for p in prompts) >= 4
 
 
 def test_refusals_start_with_judge_phrases():
