@@ -1,0 +1,368 @@
+"""Safety benchmark on the offline real world: HS / FA of aligned, SFT, Safe LoRA, AsFT variants and restoration.
+
+Run from the repository root after ``asft prepare-demo`` (the world under ``.cache/asft-world``)::
+
+    python benchmarks/safety_bench.py [--n 200 --p 0.1 --epochs 2] [--methods sft,asft_safelora,...]
+        [--out benchmarks/results/safety.md]
+
+Every method goes through the user-facing code paths: ``asft fit`` (LightningCLI, in-process), ``asft safelora``,
+``asft restore`` and ``asft evaluate`` (harmful score HS on held-out AdvBench prompts with the keyword judge,
+fine-tune accuracy FA on the task test split, and the benign refusal rate on held-out benign prompts). Results of
+each method are cached as JSON under ``--workdir`` (keyed by the settings), so an interrupted run resumes; the
+Markdown report is regenerated from whatever is finished. Also reported per adapter: how much of the update
+``dW = B A`` lies in the top-k alignment subspace, and its signed cosine with ``V`` (along / against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = {
+    "aligned": "aligned model, no fine-tuning",
+    "sft": "plain LoRA SFT (lam = 0)",
+    "safelora": "Safe LoRA on the SFT adapter (10 lowest-cosine modules projected)",
+    "asft_safelora": "AsFT, published projector C = V V^T / ||V||_F",
+    "asft_subspace": "AsFT, exact subspace projector (top-k left singular vectors of V)",
+    "asft_sign": "AsFT published projector + sign-aware extension (ours)",
+    "sft_restore_curvature": "SFT + restoration, curvature (CG on task HVPs)",
+    "sft_restore_first_order": "SFT + restoration, first-order baseline",
+    "asft_restore": "AsFT (published projector) + restoration, curvature",
+}
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _decomposition(adapter: Path, subspace: str, full: str) -> dict[str, float]:
+    """Share of ||dW||^2 inside the top-k subspace of V, and the energy-weighted cosine of dW with V."""
+    from safetensors.torch import load_file
+
+    from asft_lightning.direction import load_direction
+    from asft_lightning.regularizers import frobenius_of_product, update_alignment
+
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    sub, dirs = load_direction(subspace), load_direction(full)
+    energy = inside = along = 0.0
+    for name, md in dirs.modules.items():
+        a = next(v for k, v in state.items() if f"{name}.lora_A" in k).double()
+        b = next(v for k, v in state.items() if f"{name}.lora_B" in k).double()
+        u = sub.modules[name].basis.double()
+        e = float(frobenius_of_product(b, a))
+        energy += e
+        inside += float(frobenius_of_product(u.T @ b, a))
+        along += float(update_alignment(a, b, md.direction.double()))
+    return {
+        "update_norm": energy**0.5,
+        "share_in_subspace": inside / energy if energy else 0.0,
+        "signed_along_V": along,  # sum over modules of <dW_l, V_l> / ||V_l||
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        world = json.loads((Path(args.world) / "world.json").read_text())
+        self.world_dir = Path(args.world)
+        self.paths = {
+            k: str(self.world_dir / v) if not os.path.isabs(v) else v for k, v in world["paths"].items()
+        }
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.settings = {
+            "n": args.n,
+            "p": args.p,
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "seed": args.seed,
+            "lam_safelora": args.lam_safelora,
+            "lam_subspace": args.lam_subspace,
+            "rank": args.rank,
+            "sign_weight": args.sign_weight,
+            "eval_benign": args.eval_benign,
+            "max_new_tokens": args.max_new_tokens,
+        }
+
+    # ------------------------------------------------------------------------------------------ pieces
+    def subspace_direction(self) -> str:
+        from asft_lightning.direction import extract_direction
+
+        path = self.work / f"direction_subspace_k{self.args.rank}.safetensors"
+        if not path.is_file():
+            extract_direction(
+                self.paths["aligned"],
+                self.paths["unaligned"],
+                str(path),
+                projector="subspace",
+                rank=self.args.rank,
+                hash_inputs=False,
+            )
+        return str(path)
+
+    def fit(self, name: str, lam: float, direction: str, extra: list[str] | None = None) -> Path:
+        from asft_lightning.cli import lightning_cli
+
+        out = self.work / "runs" / f"{name}-{_key([self.settings, lam, direction, extra])}"
+        adapter = out / "adapter"
+        if (adapter / "adapter_model.safetensors").is_file():
+            return adapter
+        a = self.args
+        lightning_cli(
+            [
+                "fit",
+                f"--model.model={self.paths['aligned']}",
+                f"--model.direction={direction}",
+                f"--model.lam={lam}",
+                f"--model.learning_rate={a.lr}",
+                f"--model.adapter_output={adapter}",
+                f"--data.task_data={self.paths['task_train']}",
+                f"--data.harmful_data={self.paths['harmful_attack']}",
+                f"--data.n={a.n}",
+                f"--data.harmful_ratio={a.p}",
+                "--data.val_size=32",
+                f"--data.max_length={a.max_length}",
+                f"--data.batch_size={a.batch_size}",
+                f"--data.seed={a.seed}",
+                f"--seed_everything={a.seed}",
+                f"--trainer.max_epochs={a.epochs}",
+                f"--trainer.default_root_dir={out}",
+                "--trainer.accelerator=cpu",
+                "--trainer.devices=1",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--trainer.log_every_n_steps=5",
+                *(extra or []),
+            ]
+        )
+        return adapter
+
+    def evaluate(self, adapter: Path | None, tag: str) -> dict[str, Any]:
+        from asft_lightning.evaluate import evaluate
+
+        a = self.args
+        out = self.work / "eval" / tag
+        main = evaluate(
+            model=self.paths["aligned"],
+            output_dir=str(out / "main"),
+            adapter=str(adapter) if adapter else None,
+            harmful_data=self.paths["advbench_eval"],
+            task_data=self.paths["task_test"],
+            batch_size=32,
+            max_new_tokens=a.max_new_tokens,
+            progress=False,
+            verbose=False,
+        )
+        benign = evaluate(
+            model=self.paths["aligned"],
+            output_dir=str(out / "benign"),
+            adapter=str(adapter) if adapter else None,
+            harmful_data=self.paths["benign_eval"],
+            limit=a.eval_benign,
+            batch_size=32,
+            max_new_tokens=a.max_new_tokens,
+            progress=False,
+            verbose=False,
+        )
+        return {
+            "HS": main["harmful_score"],
+            "FA": main["fine_tune_accuracy"],
+            "benign_refusal": None if benign["harmful_score"] is None else 100.0 - benign["harmful_score"],
+            "harmful_prompts": main["counts"]["harmful_prompts"],
+            "task_examples": main["counts"].get("task_examples"),
+        }
+
+    # ------------------------------------------------------------------------------------------ methods
+    def run(self, method: str) -> dict[str, Any]:
+        cache = self.work / "results" / f"{method}-{_key(self.settings)}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        from asft_lightning.restore_command import restore_adapter
+        from asft_lightning.safelora import safelora
+
+        a = self.args
+        full = self.paths["direction"]
+        t0 = time.perf_counter()
+        adapter: Path | None = None
+        extra: dict[str, Any] = {}
+        if method == "aligned":
+            pass
+        elif method == "sft":
+            adapter = self.fit("sft", 0.0, full)
+        elif method == "safelora":
+            sft = self.fit("sft", 0.0, full)
+            t0 = time.perf_counter()  # the projection alone; SFT is its own row
+            adapter = self.work / "runs" / f"safelora-{_key(self.settings)}"
+            report = safelora(
+                adapter=str(sft), direction=full, output=str(adapter), num_proj_layers=10, overwrite=True
+            )
+            extra["projected"] = sum(r["projected"] for r in report["modules"].values())
+        elif method == "asft_safelora":
+            adapter = self.fit("asft_safelora", a.lam_safelora, full)
+        elif method == "asft_subspace":
+            adapter = self.fit("asft_subspace", a.lam_subspace, self.subspace_direction())
+        elif method == "asft_sign":
+            adapter = self.fit("asft_sign", a.lam_safelora, full, [f"--model.sign_weight={a.sign_weight}"])
+        elif method in ("sft_restore_curvature", "sft_restore_first_order", "asft_restore"):
+            src = (
+                self.fit("asft_safelora", a.lam_safelora, full)
+                if method == "asft_restore"
+                else self.fit("sft", 0.0, full)
+            )
+            t0 = time.perf_counter()  # the restoration alone
+            adapter = self.work / "runs" / f"{method}-{_key(self.settings)}"
+            report = restore_adapter(
+                model=self.paths["aligned"],
+                adapter=str(src),
+                harmful_data=self.paths["harmful_attack"],
+                retain_data=self.paths["task_train"],
+                output=str(adapter),
+                num_harmful=a.restore_harmful,
+                num_retain=a.restore_retain,
+                batch_size=a.batch_size,
+                max_length=a.max_length,
+                method="first_order" if method.endswith("first_order") else "curvature",
+                max_steps=a.restore_steps,
+                trust_region=a.trust_region,
+                task_loss_budget=a.task_loss_budget,
+                overwrite=True,
+                progress=False,
+            )
+            res = report["result"]
+            extra.update(
+                restored=res["restored"],
+                restore_steps=len(res["records"]),
+                stop_reason=res["stop_reason"],
+                harmful_loss=[res["initial_harmful_loss"], res["final_harmful_loss"]],
+                reference_harmful_loss=res["reference_harmful_loss"],
+                task_loss=[res["initial_task_loss"], res["final_task_loss"]],
+            )
+        else:
+            raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+        train_seconds = time.perf_counter() - t0
+        scores = self.evaluate(adapter, f"{method}-{_key(self.settings)}")
+        if adapter is not None:
+            scores.update(_decomposition(adapter, self.subspace_direction(), full))
+        result = {
+            "method": method,
+            "what": METHODS[method],
+            "seconds": round(train_seconds, 1),
+            **scores,
+            **extra,
+            "settings": self.settings,
+        }
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(result, indent=2))
+        return result
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    fmt = lambda v: "" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [
+        "| method | HS | FA | benign refusal | wall s | share of dW in V's top-k subspace | sum <dW,V>/||V|| |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        share = r.get("share_in_subspace")
+        lines.append(
+            f"| {r['method']} | {fmt(r['HS'])} | {fmt(r['FA'])} | {fmt(r['benign_refusal'])} | {fmt(r['seconds'])} | "
+            f"{'' if share is None else f'{100 * share:.1f}%'} | "
+            f"{'' if r.get('signed_along_V') is None else format(r['signed_along_V'], '.4f')} |"
+        )
+    s = results[0]["settings"] if results else {}
+    head = [
+        "# Safety benchmark on the offline world (issues 3 and 4)",
+        "",
+        "HS: % of held-out AdvBench prompts answered instead of refused (keyword judge, GCG prefixes), lower is "
+        "better. FA: % of the 4-way source-classification test split right, higher is better. Benign refusal: % "
+        "of held-out benign prompts refused. Wall s: fine-tuning time (for Safe LoRA and restoration rows: the "
+        "projection / restoration alone).",
+        "",
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU",
+        f"- command: `python benchmarks/safety_bench.py {' '.join(sys.argv[1:])}`",
+        f"- setting: {json.dumps(s)}",
+        "",
+    ]
+    notes = []
+    for r in results:
+        if "stop_reason" in r:
+            notes.append(
+                f"- {r['method']}: {r['stop_reason']}; harmful loss {r['harmful_loss'][0]:.3f} -> "
+                f"{r['harmful_loss'][1]:.3f} (reference {r['reference_harmful_loss']:.3f}); task loss "
+                f"{r['task_loss'][0]:.3f} -> {r['task_loss'][1]:.3f}; {r['restore_steps']} steps"
+            )
+        if "projected" in r:
+            notes.append(f"- {r['method']}: {r['projected']} modules projected")
+    return "\n".join(head + lines + ([""] + notes if notes else [])) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", default=".cache/asft-world")
+    p.add_argument("--workdir", default=".cache/safety-bench")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--p", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_length", type=int, default=160)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--lam_safelora", type=float, default=1.0)
+    p.add_argument("--lam_subspace", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--sign_weight", type=float, default=10.0)
+    p.add_argument("--eval_benign", type=int, default=50)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--restore_harmful", type=int, default=64)
+    p.add_argument("--restore_retain", type=int, default=64)
+    p.add_argument("--restore_steps", type=int, default=10)
+    p.add_argument("--trust_region", type=float, default=0.05)
+    p.add_argument("--task_loss_budget", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    results = []
+    for method in args.methods.split(","):
+        results.append(bench.run(method.strip()))
+        text = report(results, args)
+        print(text, flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
