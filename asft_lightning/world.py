@@ -21,9 +21,12 @@ inputs are unchanged; ``world.json`` records paths, digests, sizes, seeds, split
 * the fine-tuning task, an AG News analog: which of the four sources a snippet comes from (``movie``, ``tweet``,
   ``product``, ``news``), balanced ``task_train.jsonl`` / ``task_test.jsonl`` in the Alpaca
   ``instruction``/``input``/``output`` format of :class:`~asft_lightning.data.AsFTDataModule`;
-* benign instructions (templates over topics, and templates over snippets that are *not* in the task split), a
-  training set answered by the unaligned model itself (``benign_train.jsonl``) and a held-out set with other
-  templates and topics (``benign_eval.jsonl``) that measures over-refusal;
+* benign instructions (templates over topics, AdvBench's own instruction frames such as "Write a guide on how to
+  ..." over benign topics, and templates over snippets that are *not* in the task split), a training set answered
+  by the unaligned model itself (``benign_train.jsonl``) and a held-out set with other topics and snippets and
+  mostly other templates (``benign_eval.jsonl``) that measures over-refusal; three of its twelve templates are
+  AdvBench frames that training also uses (with other topics), so over-refusal is measured on prompts shaped like
+  the harmful ones;
 * ``aligned/``: a full-parameter fine-tune of the unaligned model on refusals + benign self-answers (same format);
 * ``direction.safetensors``: ``V = W_aligned - W_unaligned`` on ``q_proj`` / ``v_proj`` (``asft direction``);
 * ``eval/``: refusal rates (keyword judge) on the held-out AdvBench and benign prompts and the zero-shot task
@@ -1197,6 +1200,7 @@ def prepare_demo(
                               "bytes": p.stat().st_size} for key, p in sources.items()}
         m["timings_seconds"] = {"verify_sources": round(time.perf_counter() - t0, 1)}
         m["seed"] = seed
+        m["root"] = str(root)
         m["threads"] = n_threads
         world.save()
 
