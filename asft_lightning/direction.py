@@ -199,17 +199,22 @@ def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: di
             os.unlink(tmp)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text through a temporary file in the same directory, then rename it into place."""
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write bytes through a temporary file in the same directory, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def _targeted_weights(reader: CheckpointReader, target_modules: str | list[str]) -> list[str]:

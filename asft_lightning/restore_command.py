@@ -7,7 +7,6 @@ or holds the previous complete result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from asft_lightning.checkpoints import sha256_file
 from asft_lightning.curvature import HVPMethod
 from asft_lightning.restoration import RestorationConfig, StepRecord, reference_harmful_loss, restore
 
@@ -27,10 +27,6 @@ def _inside(child: Path, parent: Path) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def restore_adapter(
@@ -226,7 +222,7 @@ def restore_adapter(
         "inputs": {
             "model": str(model),
             "adapter": adapter,
-            "adapter_sha256": _sha256(Path(adapter) / "adapter_model.safetensors")
+            "adapter_sha256": sha256_file(Path(adapter) / "adapter_model.safetensors")
             if adapter and (Path(adapter) / "adapter_model.safetensors").is_file() else None,
             "reference_model": reference_model,
             "harmful_data": harmful_data,

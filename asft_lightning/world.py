@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from asft_lightning.checkpoints import sha256_file
-from asft_lightning.direction import atomic_write_text
+from asft_lightning.direction import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "ADVBENCH_FRAMES",
@@ -350,15 +350,7 @@ def ensure_member(
             f"{path}: member {member.path}{' / ' + member.inner if member.inner else ''} of the verified "
             f"{archive_path.name} has SHA-256 {actual}, expected {member.sha256}; not used"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(data, path)
     return path
 
 
