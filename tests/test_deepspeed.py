@@ -102,6 +102,23 @@ def f64_direction(tiny_world, tmp_path_factory) -> str:
     return str(path)
 
 
+RESTORE_STEPS = 3
+
+
+def _restoration_args(world) -> list[str]:
+    """The restoration callback at the end of fit: 4 harmful and 4 retain batches (2 per rank), 3 steps."""
+    return [
+        "--trainer.callbacks+=asft_lightning.callbacks.CurvatureRestoration",
+        f"--trainer.callbacks.harmful_data={world['harmful']}",
+        "--trainer.callbacks.num_harmful=32",
+        "--trainer.callbacks.num_retain=32",
+        f"--trainer.callbacks.batch_size={MICRO_BATCH * 2}",
+        f"--trainer.callbacks.max_steps={RESTORE_STEPS}",
+        "--trainer.callbacks.trust_region=0.02",
+        "--trainer.callbacks.hvp_method=auto",
+    ]
+
+
 def _fit_args(world, direction, adapter, out: Path, strategy: list[str], extra=()) -> list[str]:
     return [
         "fit",
@@ -166,6 +183,22 @@ def _reference(world, direction, adapter, world_size: int = WORLD, micro_batch: 
 
     Returns the per-step losses, the final LoRA weights (adapter-file keys) and the per-step penalties.
     """
+    losses, penalties, module, _ = _train_reference(world, direction, adapter, world_size, micro_batch, epochs)
+    return losses, _lora_weights(module), penalties
+
+
+def _lora_weights(module) -> dict[str, torch.Tensor]:
+    """The module's LoRA weights under the adapter file's keys."""
+    return {
+        k.removeprefix("model.").replace(".default", ""): v.detach().clone()
+        for k, v in module.state_dict().items()
+        if "lora_" in k
+    }
+
+
+def _train_reference(world, direction, adapter, world_size: int = WORLD, micro_batch: int = MICRO_BATCH,
+                     epochs: int = EPOCHS, after_epoch=None):  # fmt: skip
+    """:func:`_reference`'s loop; returns the losses, penalties, the trained module and its data module."""
     from torch.utils.data import DistributedSampler
 
     from asft_lightning.data import AsFTDataModule, collate
@@ -198,12 +231,25 @@ def _reference(world, direction, adapter, world_size: int = WORLD, micro_batch: 
             optimizer.step()
             losses.append(float(loss.detach()))
             penalties.append(float(out["penalty"]))
-    weights = {
-        k.removeprefix("model.").replace(".default", ""): v.detach().clone()
-        for k, v in module.state_dict().items()
-        if "lora_" in k
-    }
-    return losses, weights, penalties
+        if after_epoch is not None:
+            after_epoch(epoch, module, data)
+    return losses, penalties, module, data
+
+
+def _restore_reference(callback, module, data):
+    """The callback's restoration in one process on all its batches (what the ranks' averaged steps must equal)."""
+    from asft_lightning.data import load_samples, sample_batches
+    from asft_lightning.restoration import restore
+
+    tok = data.load_tokenizer()
+    harmful = load_samples(callback.harmful_data, "harmful_data", *callback.columns["harmful"],
+                           limit=callback.num_harmful)  # fmt: skip
+    retain = [s for s in data.train_samples if s.source == "task"][: callback.num_retain]
+
+    def batches(samples):
+        return sample_batches(tok, samples, callback.batch_size, data.max_length, data.template, data.system_prompt)
+
+    return restore(module.model, batches(harmful), batches(retain), config=callback._config_run)
 
 
 def _penalty_of(world, direction, adapter: Path) -> float:
@@ -224,6 +270,37 @@ def reference(tiny_world, f64_direction, start_adapter):
     # the penalty is a large part of the loss (so a wrong or missing penalty gradient cannot hide in the tolerance)
     assert LAM * penalties[0] > 0.3 * losses[0], (penalties, losses)
     return losses, weights
+
+
+def _restored_reference(world, direction, adapter, every_n_epochs: int | None, hvp_method: str):
+    """:func:`_reference` with the restoration callback's runs: after every ``every_n_epochs``-th epoch but the last,
+    and at the end. Returns the per-step losses, the final weights and each run's harmful-loss trajectory."""
+    from asft_lightning.callbacks import CurvatureRestoration
+
+    callback = CurvatureRestoration(
+        harmful_data=world["harmful"], num_harmful=32, num_retain=32, batch_size=MICRO_BATCH * 2,
+        max_steps=RESTORE_STEPS, trust_region=0.02, hvp_method=hvp_method,
+    )  # fmt: skip
+    runs = []
+
+    def after_epoch(epoch, module, data):
+        if epoch == EPOCHS - 1 or (every_n_epochs and (epoch + 1) % every_n_epochs == 0):
+            result = _restore_reference(callback, module, data)
+            runs.append([r.harmful_loss for r in result.records])
+
+    losses, _, module, _ = _train_reference(world, direction, adapter, after_epoch=after_epoch)
+    assert all(runs), runs  # each run took at least one step
+    return losses, _lora_weights(module), runs
+
+
+def _assert_restorations_match(out: Path, runs: list[list[float]]) -> None:
+    """The restoration report of the run matches the single-process runs (same trajectories of the harmful loss)."""
+    history = json.loads((out / "restoration.json").read_text())
+    assert len(history) == len(runs)
+    for entry, expected in zip(history, runs, strict=True):
+        got = [r["harmful_loss"] for r in entry["records"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=0)
+        assert entry["final_harmful_loss"] > entry["initial_harmful_loss"] + 0.05
 
 
 def _assert_matches_reference(out: Path, reference, rtol_loss: float, atol_w: float) -> None:
@@ -324,6 +401,53 @@ def test_zero2_matches_single_process(tiny_world, f64_direction, start_adapter, 
     out = tmp_path / "z2"
     _asft(_fit_args(tiny_world, f64_direction, start_adapter, out, ["--trainer.strategy=deepspeed_cpu_stage_2"]), tmp_path)
     _assert_matches_reference(out, reference, rtol_loss=1e-5, atol_w=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "every_n_epochs", "reference_hvp"),
+    [("deepspeed_cpu_stage_2", None, "auto"), ("deepspeed_cpu_stage_3", 1, "finite_difference")],
+    ids=["zero2-end", "zero3-every-epoch"],
+)
+def test_restoration_under_zero_matches_single_process(
+    strategy, every_n_epochs, reference_hvp, tiny_world, f64_direction, start_adapter, tmp_path
+):
+    """CurvatureRestoration inside a 2-process ZeRO fit: ranks average losses, gradients and HVPs, so the restored
+    adapter equals one process restoring on all batches. Under ZeRO-3 ``hvp_method=auto`` becomes finite differences,
+    and the run after epoch 0 must reach the optimizer's float32 masters (else epoch 1 would start from the
+    un-restored weights and its losses would differ)."""
+    out = tmp_path / "run"
+    extra = _restoration_args(tiny_world)
+    if every_n_epochs:
+        extra.append(f"--trainer.callbacks.every_n_epochs={every_n_epochs}")
+    _asft(_fit_args(tiny_world, f64_direction, start_adapter, out, [f"--trainer.strategy={strategy}"], extra), tmp_path)
+    losses, weights, runs = _restored_reference(tiny_world, f64_direction, start_adapter, every_n_epochs, reference_hvp)
+    assert len(runs) == (2 if every_n_epochs else 1)
+    _assert_restorations_match(out, runs)
+    _assert_matches_reference(out, (losses, weights), rtol_loss=1e-5, atol_w=1e-5)
+    # the restoration changed the adapter (the comparison is not between two un-restored copies)
+    trained = _reference(tiny_world, f64_direction, start_adapter)[1] if not every_n_epochs else None
+    if trained is not None:
+        moved = sum(float((weights[k] - trained[k]).norm() ** 2) for k in weights) ** 0.5
+        assert moved > 1e-2, moved
+
+
+def test_restoration_zero3_refuses_exact_hvp():
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from asft_lightning.callbacks import CurvatureRestoration
+    from asft_lightning.strategies import DeepSpeedCPUStrategy
+
+    class _Trainer:
+        strategy = DeepSpeedCPUStrategy(stage=3, accelerator=CPUAccelerator())
+        world_size = 2
+
+    callback = CurvatureRestoration(harmful_data="h.jsonl", hvp_method="double_backward")
+    with pytest.raises(ValueError, match="not supported under DeepSpeed ZeRO stage 3.*finite_difference"):
+        callback.setup(_Trainer(), None, "fit")
+    callback = CurvatureRestoration(harmful_data="h.jsonl", num_harmful=24, batch_size=8)
+    with pytest.raises(ValueError, match=r"num_harmful=24 at batch_size=8 makes 3 batch\(es\).*2 processes"):
+        callback.setup(_Trainer(), None, "fit")
 
 
 def test_cpu_strategy_is_registered_and_refuses_other_accelerators():

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,8 +25,13 @@ class CurvatureRestoration(Callback):
     training set). Prompts are formatted with the data module's tokenizer, template and system prompt.
     Method: this project's formulation of Bach et al., "Curvature-aware safety restoration", arXiv 2511.18039.
 
-    Under DDP the batches are split across ranks and losses, gradients and HVPs are averaged, so every rank takes
-    the same step. DeepSpeed is refused for now (its partitioned parameters need the engine-aware path).
+    Under data parallelism (DDP, DeepSpeed ZeRO-1/2/3) the batches are split across ranks (each rank gets the same
+    number of batches; the counts must divide) and losses, gradients and HVPs are averaged, so every rank takes the
+    same step and the restored adapter equals the single-process result. Under DeepSpeed the LoRA factors are taken
+    out of the engine for the run (whole float32 masters in plain layers, :func:`asft_lightning.zero_lora.standalone_lora`)
+    and written back into the model and the optimizer's masters afterwards; the frozen base stays partitioned.
+    ZeRO-3 needs ``hvp_method`` ``finite_difference`` (``auto`` picks it): its gather/release hooks on the base layers
+    give no second derivatives.
 
     Example::
 
@@ -121,16 +127,31 @@ class CurvatureRestoration(Callback):
         self.report_name = report_name
         self.history: list[dict[str, Any]] = []
         self._batches: tuple | None = None
+        self._config_run = self.config
 
     # ---------------------------------------------------------------------------------------------- checks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from asft_lightning.strategies import zero_stage
 
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise ValueError(
-                "CurvatureRestoration does not support DeepSpeed strategies yet (ZeRO partitions the LoRA "
-                "parameters); run restoration after training with `asft restore`, or use ddp / a single device"
-            )
+        if zero_stage(trainer.strategy) == 3:
+            if self.config.hvp_method in ("double_backward", "forward_over_reverse"):
+                raise ValueError(
+                    f"CurvatureRestoration: hvp_method={self.config.hvp_method!r} is not supported under DeepSpeed ZeRO "
+                    "stage 3 (the base layers' gather/release hooks give no second derivatives); use "
+                    "hvp_method='finite_difference' or 'auto' (which picks it)"
+                )
+            self._config_run = replace(self.config, hvp_method="finite_difference")
+        else:
+            self._config_run = self.config
+        world = trainer.world_size
+        for what, count in (("num_harmful", self.num_harmful), ("num_retain", self.num_retain)):
+            batches = -(-count // self.batch_size)
+            if world > 1 and batches % world:
+                raise ValueError(
+                    f"CurvatureRestoration: {what}={count} at batch_size={self.batch_size} makes {batches} batch(es), "
+                    f"which do not divide over {world} processes; choose {what} and batch_size so that "
+                    f"ceil({what} / batch_size) is a multiple of the world size {world}"
+                )
         from asft_lightning.data import load_samples
 
         # Validate the data files now, before any training.
@@ -172,10 +193,11 @@ class CurvatureRestoration(Callback):
                 return None
             out = sample_batches(tok, samples, self.batch_size, dm.max_length, dm.template, dm.system_prompt)
             world, rank = trainer.world_size, trainer.global_rank
-            if len(out) < world:
+            if len(out) % world:
                 raise ValueError(
-                    f"CurvatureRestoration: {len(out)} batch(es) cannot be split over {world} processes; "
-                    "raise num_harmful / num_retain or lower batch_size"
+                    f"CurvatureRestoration: {len(out)} batch(es) cannot be split evenly over {world} processes; "
+                    "choose num_harmful / num_retain / batch_size so that the batch count is a multiple of the "
+                    "world size"
                 )
             return out[rank::world]
 
@@ -194,7 +216,13 @@ class CurvatureRestoration(Callback):
             def all_reduce(t):
                 return trainer.strategy.reduce(t, reduce_op="mean")
 
-        result = restore(model, harmful, retain, refusal, self.config, all_reduce=all_reduce)
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        from asft_lightning.zero_lora import standalone_lora
+
+        engine_owned = isinstance(trainer.strategy, DeepSpeedStrategy)
+        with standalone_lora(model) if engine_owned else nullcontext():
+            result = restore(model, harmful, retain, refusal, self._config_run, all_reduce=all_reduce)
         entry = {"epoch": trainer.current_epoch, "global_step": trainer.global_step, **result.to_dict()}
         self.history.append(entry)
         if trainer.logger is not None:
@@ -207,10 +235,11 @@ class CurvatureRestoration(Callback):
                     },
                     step=trainer.global_step * 1000 + record.step,
                 )
-        if trainer.is_global_zero and trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective (a broadcast): every rank must ask
+        if trainer.is_global_zero and log_dir:
             from asft_lightning.direction import atomic_write_text
 
-            atomic_write_text(json.dumps(self.history, indent=2) + "\n", Path(trainer.log_dir) / self.report_name)
+            atomic_write_text(json.dumps(self.history, indent=2) + "\n", Path(log_dir) / self.report_name)
         return result
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
