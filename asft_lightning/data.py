@@ -43,7 +43,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-__all__ = ["IGNORE_INDEX", "AsFTDataModule", "Sample", "collate", "encode_example", "render_prompt"]
+__all__ = [
+    "IGNORE_INDEX",
+    "AsFTDataModule",
+    "Sample",
+    "collate",
+    "encode_example",
+    "encode_prompts",
+    "load_prompts",
+    "load_samples",
+    "render_prompt",
+    "sample_batches",
+]
 
 IGNORE_INDEX = -100
 """Label value ignored by ``torch.nn.functional.cross_entropy`` (prompt and padding positions)."""
@@ -646,6 +657,57 @@ def load_samples(
     table = _load_table(source, argument, arg_columns, cache_dir)
     rows = range(len(table) if limit is None else min(limit, len(table)))
     return _samples(table, rows, columns, argument, source, argument)
+
+
+def load_prompts(
+    source: str,
+    argument: str,
+    prompt_column: str,
+    column_argument: str = "prompt_column",
+    limit: int | None = None,
+    cache_dir: str | None = None,
+) -> list[str]:
+    """Read prompts alone (no responses), e.g. harmful probe prompts, validated as the data module does.
+
+    Args:
+        source: a local JSON / JSONL / CSV / parquet file or folder, or a hub dataset id (``id:split``).
+        argument: the name of the argument that gave ``source`` (used in error messages).
+        prompt_column: column with the prompt.
+        column_argument: the name of the argument that gave ``prompt_column`` (used in error messages).
+        limit: keep the first ``limit`` rows (``None``: all).
+        cache_dir: ``datasets`` cache folder.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ValueError: an empty or unparsable file, a missing column, or a row without text in ``prompt_column``.
+    """
+    table = _load_table(source, argument, {column_argument: prompt_column}, cache_dir)
+    n = len(table) if limit is None else min(limit, len(table))
+    out = []
+    for row, value in enumerate(table.select(range(n))[prompt_column]):
+        text = _text(value)
+        if text is None or not text.strip():
+            raise ValueError(
+                f"{argument}={source!r}: row {row} has no text in column {prompt_column!r} (expected a string)"
+            )
+        out.append(text)
+    return out
+
+
+def encode_prompts(
+    tokenizer: Any, prompts: Sequence[str], template: str | None = None, system_prompt: str | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt as the model sees it before its answer in training, ready for generation.
+
+    Rendered by :func:`render_prompt` and tokenised without special tokens; with a custom ``template`` the
+    tokenizer's BOS is prepended when it adds one by default (as :func:`encode_example` does).
+    """
+    bos = _bos_prefix(tokenizer) if template is not None else []
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(render_prompt(tokenizer, prompt, template, system_prompt), add_special_tokens=False)["input_ids"]
+        out.append(bos + ids if bos and ids[:1] != bos else ids)
+    return out
 
 
 def sample_batches(
