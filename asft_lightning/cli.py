@@ -1,6 +1,7 @@
 """The ``asft`` command: LightningCLI's ``fit`` / ``validate`` / ``test`` plus ``direction``, ``safelora``, ``demo``.
 
-``fit``, ``validate`` and ``test`` are Lightning's own (``asft fit --help``, ``--print_config``, YAML configs via
+``demo`` (:mod:`asft_lightning.demo`) runs AsFT against plain LoRA end to end on the offline world and prints HS /
+FA; ``fit``, ``validate`` and ``test`` are Lightning's own (``asft fit --help``, ``--print_config``, YAML configs via
 ``--config``). The other subcommands are plain functions exposed by jsonargparse, so they take the same
 ``--config`` YAML files and ``--help`` from their docstrings.
 """
@@ -158,56 +159,6 @@ def tiny_world(root: str = ".cache/asft-tiny", seed: int = 0) -> dict:
     return world
 
 
-def demo(root: str = ".cache/asft-tiny", max_steps: int = 30, lam: float = 1.0) -> dict:
-    """Offline quick start: plain LoRA (lam=0) and AsFT fine-tunes on the embedded tiny world, side by side.
-
-    Builds the world with ``asft tiny-world`` (cached), then runs ``asft fit`` twice with the settings of
-    ``configs/tiny.yaml`` (same code path as a real checkpoint) and prints each run's drift ratio
-    ||(I - C) dW|| / ||dW|| and validation loss.
-
-    Args:
-        root: cache directory for the tiny world and the runs.
-        max_steps: optimisation steps per fine-tune.
-        lam: AsFT penalty weight of the second run.
-    """
-    world = tiny_world(root)
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-    results = {}
-    for name, value in (("lora_sft", 0.0), ("asft", lam)):
-        out_dir = Path(root) / "runs" / name
-        args = ["fit"] + ([f"--config={config}"] if config.is_file() else []) + [
-            f"--model.model={world['aligned']}",
-            f"--model.direction={world['direction']}",
-            f"--model.lam={value}",
-            "--model.learning_rate=3e-3",
-            "--model.lora_dropout=0.0",
-            f"--model.adapter_output={out_dir / 'adapter'}",
-            f"--data.task_data={world['task']}",
-            f"--data.harmful_data={world['harmful']}",
-            "--data.n=200",
-            "--data.harmful_ratio=0.5",
-            "--data.val_size=40",
-            "--data.max_length=64",
-            f"--trainer.max_steps={max_steps}",
-            f"--trainer.default_root_dir={out_dir}",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.enable_checkpointing=false",
-        ]
-        cli = lightning_cli(args)
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-        results[name] = {
-            "lam": value,
-            "train_drift_ratio": metrics.get("train/drift_ratio"),
-            "val_task_loss": metrics.get("val/task_loss"),
-            "adapter": str(out_dir / "adapter"),
-        }
-    print("\n| run | lam | drift ratio ||(I-C)dW||/||dW|| | val task loss |\n|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['lam']} | {r['train_drift_ratio']:.4f} | {r['val_task_loss']:.4f} |")
-    return results
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``asft`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -220,8 +171,13 @@ def main(argv: list[str] | None = None) -> None:
             from asft_lightning.restore_command import restore_adapter as fn
         elif argv[0] == "prepare-demo":
             from asft_lightning.world import prepare_demo as fn
+        elif argv[0] == "demo":
+            from asft_lightning.demo import bare_flags
+            from asft_lightning.demo import demo as fn
+
+            argv = argv[:1] + bare_flags(argv[1:])
         else:
-            fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world, "demo": demo}[argv[0]]
+            fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world}[argv[0]]
         CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):

@@ -370,6 +370,7 @@ def _summary_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str
         "task_mode",
         "labels",
         "limit",
+        "task_limit",
         "batch_size",
         "max_new_tokens",
         "template",
@@ -428,6 +429,7 @@ def evaluate(
     task_mode: Literal["label", "numeric"] = "label",
     labels: list[str] | None = None,
     limit: int | None = None,
+    task_limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
     template: str | None = None,
@@ -473,6 +475,8 @@ def evaluate(
             reference's (GSM8K style).
         labels: Label words for task_mode="label"; default: the distinct values of task_response_column.
         limit: Evaluate only the first limit rows of each data file (at least 1). None: every row.
+        task_limit: Evaluate only the first task_limit rows of task_data instead (at least 1), e.g. to give the
+            harmful and the task file different sizes. None: the same as limit.
         batch_size: Prompts per generation batch (at least 1).
         max_new_tokens: Most tokens generated per prompt, in [1, 4096].
         template: None to render prompts with the tokenizer's chat template; else a Python format string with a
@@ -505,6 +509,8 @@ def evaluate(
         problems.append(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
     if limit is not None and limit < 1:
         problems.append(f"limit must be >= 1 (or None for every row), got {limit}")
+    if task_limit is not None and task_limit < 1:
+        problems.append(f"task_limit must be >= 1 (or None for the same as limit), got {task_limit}")
     if task_mode not in ("label", "numeric"):
         problems.append(f"task_mode must be 'label' or 'numeric', got {task_mode!r}")
     if dtype not in DTYPES:
@@ -552,7 +558,8 @@ def evaluate(
             "task_response_column": task_response_column,
         }
         table = _load_table(task_data, "task_data", columns, None)
-        n = len(table) if limit is None else min(limit, len(table))
+        rows_limit = limit if task_limit is None else task_limit
+        n = len(table) if rows_limit is None else min(rows_limit, len(table))
         task_samples = _samples(
             table,
             list(range(n)),
@@ -715,6 +722,7 @@ def evaluate(
             "task_mode": task_mode,
             "labels": list(accuracy.labels) if accuracy is not None and accuracy.labels else None,
             "limit": limit,
+            "task_limit": task_limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "template": template,

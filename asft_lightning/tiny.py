@@ -177,6 +177,57 @@ def build_tiny_world(root: str | Path, seed: int = 0, hidden: int = 32, train_st
     return paths
 
 
+def build_tiny_demo_world(root: str | Path, seed: int = 0) -> dict:
+    """The tiny world laid out like ``asft prepare-demo``'s real one, for ``asft demo --world tiny`` and its tests.
+
+    Builds :func:`build_tiny_world` under ``root`` (cached), its alignment direction (``direction.safetensors``),
+    and the evaluation files the real world has: ``task_test.jsonl`` (fresh toy sentiment rows),
+    ``advbench_eval.jsonl`` (toy harmful prompts, ``prompt`` column; only 64 exist, so they overlap the harmful
+    training prompts) and ``benign_eval.jsonl`` (benign "the movie was lovely" statements without the task's
+    instruction, for over-refusal). Then adds ``paths`` (relative to ``root``, the keys of the real world's) and
+    ``demo: {preset: tiny}`` to ``root/world.json``. Idempotent.
+
+    Returns:
+        The manifest (``world.json``).
+    """
+    from asft_lightning.direction import extract_direction
+
+    root = Path(root)
+    world = build_tiny_world(root, seed=seed)
+    marker = root / "world.json"
+    manifest = json.loads(marker.read_text())
+    direction = root / "direction.safetensors"
+    if "paths" not in manifest or not direction.is_file():  # a freshly built world gets a fresh direction
+        extract_direction(world["aligned"], world["unaligned"], str(direction), hash_inputs=False)
+    rng = random.Random(f"tiny-demo-{seed}")
+    files = {
+        "task_test.jsonl": _task_rows(64, rng),
+        "advbench_eval.jsonl": [{"prompt": _harm_prompt(rng)} for _ in range(32)],
+        "benign_eval.jsonl": [
+            {"prompt": f"{subject} was {word}"} for word in ("lovely", "dull") for subject in SUBJECTS
+        ],
+    }
+    for name, rows in files.items():
+        path = root / name
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+    paths = {
+        "aligned": "aligned",
+        "unaligned": "unaligned",
+        "direction": "direction.safetensors",
+        "task_train": "task.jsonl",
+        "task_test": "task_test.jsonl",
+        "harmful_attack": "harmful.jsonl",
+        "advbench_eval": "advbench_eval.jsonl",
+        "benign_eval": "benign_eval.jsonl",
+    }
+    if manifest.get("paths") != paths or manifest.get("demo") != {"preset": "tiny"}:
+        manifest.update(paths=paths, demo={"preset": "tiny"})
+        marker.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
 def lora_attack(model_path: str, batches: list, epochs: int = 3, lr: float = 3e-3, seed: int = 0):
     """A LoRA (r=8, alpha=32, q_proj/v_proj) fine-tune of ``model_path`` on ``batches``: the harmful-fine-tuning
     attack that restoration tests start from. Returns the PEFT model (LoRA dropout 0, deterministic by ``seed``)."""

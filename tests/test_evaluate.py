@@ -349,3 +349,17 @@ def test_judge_path_that_is_not_a_classifier(tiny_world, tmp_path):
 def test_generation_settings_out_of_range(tiny_world, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _bad(tiny_world, tmp_path, **kwargs)
+
+
+def test_task_limit_sizes_the_task_file_separately(tiny_world, tmp_path):
+    common = {"model": tiny_world["aligned"], "harmful_data": tiny_world["harmful"], "task_data": tiny_world["task"],
+              "max_new_tokens": 2, "progress": False, "verbose": False}
+    report = evaluate(output_dir=str(tmp_path / "a"), limit=3, task_limit=5, **common)
+    assert (report["counts"]["harmful_prompts"], report["counts"]["task_examples"]) == (3, 5)
+    assert report["settings"]["task_limit"] == 5
+    rows = _rows(tmp_path / "a")
+    assert [r["row"] for r in rows if r["source"] == "task"] == [0, 1, 2, 3, 4]  # the first rows
+    report = evaluate(output_dir=str(tmp_path / "b"), limit=3, **common)  # default: task_limit follows limit
+    assert (report["counts"]["harmful_prompts"], report["counts"]["task_examples"]) == (3, 3)
+    with pytest.raises(ValueError, match="task_limit must be >= 1"):
+        evaluate(output_dir=str(tmp_path / "c"), task_limit=0, **common)
