@@ -258,6 +258,20 @@ def dense_loss(A, B, P):
     return (P @ (B @ A)).square().sum()
 
 
+def dense_residual_projector(V):
+    """``P = I - C`` with the published ``C = V V^T / ||V||_F`` materialised (``d_out x d_out``), built in place.
+
+    The one-time build of the published dense form (also used by ``gpu_bench.py``).
+    """
+    import torch
+
+    P = V @ V.mT
+    P.div_(torch.linalg.vector_norm(V))
+    P.neg_()
+    P.diagonal().add_(1.0)
+    return P
+
+
 def penalty_fn(variant: str, tensors: dict[str, Any]):
     """``(A, B) -> loss`` for one variant, closing over its stored tensors."""
     from asft_lightning import regularizers as R
@@ -299,10 +313,7 @@ def worker_penalty(opts: argparse.Namespace) -> dict[str, Any]:
         # One-time build, as the published code does it: C = V V^T / ||V||_F (then P = I - C, in place).
         with PeakProbe() as probe:
             t0 = time.perf_counter()
-            P = V @ V.mT
-            P.div_(torch.linalg.vector_norm(V))
-            P.neg_()
-            P.diagonal().add_(1.0)
+            P = dense_residual_projector(V)
             out["build_time"] = time.perf_counter() - t0
         out["build_peak_increase"] = probe.peak_increase
         del V
