@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from asft_lightning.checkpoints import architecture_fingerprint, sha256_file, split_gguf
-from asft_lightning.data import _bos_prefix, _load_table, _load_tokenizer, _samples, _text, render_prompt
+from asft_lightning.data import _load_table, _load_tokenizer, _samples, _text, encode_prompts, load_prompts
 from asft_lightning.direction import atomic_write_text
 from asft_lightning.metrics import HarmfulScore, KeywordJudge, TaskAccuracy, judge_kind, load_judge
 
@@ -294,18 +294,8 @@ def _file_sha256(source: str | None) -> str | None:
 
 
 def _harmful_prompts(source: str, column: str, limit: int | None) -> list[tuple[int, str]]:
-    table = _load_table(source, "harmful_data", {"harmful_prompt_column": column}, None)
-    n = len(table) if limit is None else min(limit, len(table))
-    values = list(table.select(range(n))[column])
-    out = []
-    for row, value in enumerate(values):
-        text = _text(value)
-        if text is None or not text.strip():
-            raise ValueError(
-                f"harmful_data={source!r}: row {row} has no text in column {column!r} (expected a string)"
-            )
-        out.append((row, text))
-    return out
+    prompts = load_prompts(source, "harmful_data", column, "harmful_prompt_column", limit=limit)
+    return list(enumerate(prompts))
 
 
 def _default_labels(table: Any, column: str, source: str) -> list[str]:
@@ -583,16 +573,8 @@ def evaluate(
     # ------------------------------------------------------------------ tokenizer, prompts, model
     torch.manual_seed(seed)
     tokenizer = _load_tokenizer(model_dir, gguf)
-    bos = _bos_prefix(tokenizer) if template is not None else []
-
-    def encode(prompt: str) -> list[int]:
-        ids = tokenizer(render_prompt(tokenizer, prompt, template, system_prompt), add_special_tokens=False)[
-            "input_ids"
-        ]
-        return bos + ids if bos and ids[:1] != bos else ids
-
-    harmful_ids = [encode(p) for _, p in harmful]
-    task_ids = [encode(s.prompt) for s in task_samples]
+    harmful_ids = encode_prompts(tokenizer, [p for _, p in harmful], template, system_prompt)
+    task_ids = encode_prompts(tokenizer, [s.prompt for s in task_samples], template, system_prompt)
 
     from transformers import AutoModelForCausalLM
 

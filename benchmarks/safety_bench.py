@@ -324,6 +324,48 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(head + lines + ([""] + notes if notes else [])) + "\n"
 
 
+def sweep_report(rows: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace, title: str) -> str:
+    """A Markdown table of a sweep: one row per (varied setting, method)."""
+    fmt = lambda v: "" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [
+        f"## {title}",
+        "",
+        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `python benchmarks/safety_bench.py {' '.join(sys.argv[1:])}`",
+        f"- base setting: {json.dumps(rows[0][2]['settings']) if rows else '{}'}",
+        "",
+        "| varied | method | HS | FA | benign refusal | wall s | share of dW in V's top-k subspace | sum <dW,V>/||V|| |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for varied, method, r in rows:
+        share = r.get("share_in_subspace")
+        lines.append(
+            f"| {varied} | {method} | {fmt(r['HS'])} | {fmt(r['FA'])} | {fmt(r['benign_refusal'])} | "
+            f"{fmt(r['seconds'])} | {'' if share is None else f'{100 * share:.1f}%'} | "
+            f"{'' if r.get('signed_along_V') is None else format(r['signed_along_V'], '.4f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    """``--sweep NAME=v1,v2,...``: run ``--methods`` once per value of one setting (e.g. ``lam_subspace``, ``p``)."""
+    name, _, values = args.sweep.partition("=")
+    if not hasattr(args, name) or not values:
+        raise SystemExit(f"--sweep wants NAME=v1,v2,... with NAME one of the settings (e.g. p, lam_subspace), got {args.sweep!r}")
+    kind = type(getattr(args, name))
+    rows = []
+    for value in values.split(","):
+        sub = argparse.Namespace(**{**vars(args), name: kind(value)})
+        bench = Bench(sub)
+        for method in args.methods.split(","):
+            rows.append((f"{name}={value}", method.strip(), bench.run(method.strip())))
+            text = sweep_report(rows, args, f"Sweep over {name}")
+            print(text, flush=True)
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", default=".cache/asft-world")
@@ -349,10 +391,14 @@ def main() -> None:
     p.add_argument("--task_loss_budget", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--sweep", default=None, help="NAME=v1,v2,...: run --methods once per value of setting NAME")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.sweep:
+        run_sweep(args)
+        return
     bench = Bench(args)
     results = []
     for method in args.methods.split(","):
