@@ -190,8 +190,18 @@ class Bench:
         }
 
     # ------------------------------------------------------------------------------------------ methods
+    def restore_settings(self) -> dict[str, Any]:
+        a = self.args
+        return {
+            "harmful": a.restore_harmful, "retain": a.restore_retain, "steps": a.restore_steps,
+            "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
+            "solver": a.solver,
+        }  # fmt: skip
+
     def run(self, method: str) -> dict[str, Any]:
-        cache = self.work / "results" / f"{method}-{_key(self.settings)}.json"
+        restoring = method in ("sft_restore_curvature", "sft_restore_first_order", "asft_restore")
+        key = _key([self.settings, self.restore_settings()]) if restoring else _key(self.settings)
+        cache = self.work / "results" / f"{method}-{key}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
         from asft_lightning.restore_command import restore_adapter
@@ -227,7 +237,7 @@ class Bench:
                 else self.fit("sft", 0.0, full)
             )
             t0 = time.perf_counter()  # the restoration alone
-            adapter = self.work / "runs" / f"{method}-{_key(self.settings)}"
+            adapter = self.work / "runs" / f"{method}-{key}"
             report = restore_adapter(
                 model=self.paths["aligned"],
                 adapter=str(src),
@@ -242,11 +252,14 @@ class Bench:
                 max_steps=a.restore_steps,
                 trust_region=a.trust_region,
                 task_loss_budget=a.task_loss_budget,
+                cg_max_iter=a.cg_max_iter,
+                solver=a.solver,
                 overwrite=True,
                 progress=False,
             )
             res = report["result"]
             extra.update(
+                restore_settings=self.restore_settings(),
                 restored=res["restored"],
                 restore_steps=len(res["records"]),
                 stop_reason=res["stop_reason"],
@@ -257,7 +270,7 @@ class Bench:
         else:
             raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
         train_seconds = time.perf_counter() - t0
-        scores = self.evaluate(adapter, f"{method}-{_key(self.settings)}")
+        scores = self.evaluate(adapter, f"{method}-{key}")
         if adapter is not None:
             scores.update(_decomposition(adapter, self.subspace_direction(), full))
         result = {
@@ -271,6 +284,39 @@ class Bench:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(result, indent=2))
         return result
+
+
+def spectrum_section(direction_json: Path, subspace_json: Path) -> list[str]:
+    """Markdown lines summarising the spectrum of ``V`` and of the published ``C = V V^T / ||V||_F`` per module."""
+    import statistics
+
+    full = json.loads(direction_json.read_text())["spectrum"]
+    norms = [m["norm"] for m in full.values()]
+    eig = [m["top_C_eigenvalue_safelora"] for m in full.values()]
+    top8 = [sum(s * s for s in m["top_singular_values"]) / m["norm"] ** 2 for m in full.values() if m["norm"] > 0]
+    top1 = [m["top_singular_values"][0] ** 2 / m["norm"] ** 2 for m in full.values() if m["norm"] > 0]
+    lines = [
+        "",
+        f"## Spectrum of the alignment direction ({len(full)} modules, from `{direction_json.name}`'s sidecar)",
+        "",
+        "| quantity | min | median | max |",
+        "|---|---|---|---|",
+        f"| ||V_l||_F | {min(norms):.4f} | {statistics.median(norms):.4f} | {max(norms):.4f} |",
+        f"| top eigenvalue of C_l = V V^T / ||V||_F (= sigma_1^2 / ||V||_F) | {min(eig):.4f} | "
+        f"{statistics.median(eig):.4f} | {max(eig):.4f} |",
+        f"| share of ||V_l||^2 in sigma_1 | {min(top1):.3f} | {statistics.median(top1):.3f} | {max(top1):.3f} |",
+        f"| share of ||V_l||^2 in the top 8 singular values | {min(top8):.3f} | {statistics.median(top8):.3f} | "
+        f"{max(top8):.3f} |",
+    ]
+    if subspace_json.is_file():
+        meta = json.loads(subspace_json.read_text())
+        lines.append(f"\nThe subspace projector keeps the top {json.loads(meta['projector'])['rank'] if isinstance(meta['projector'], str) else meta['projector']['rank']} left singular vectors per module (P = U_k U_k^T, eigenvalues exactly 0 or 1).")
+    lines.append(
+        "\nWith the published C every eigenvalue is at most the largest value above, so (I - C) is close to I and the "
+        "published penalty acts almost as plain weight decay on B A; that is the measured reason the published "
+        "projector barely changes the update's direction here."
+    )
+    return lines
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -317,11 +363,20 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             notes.append(
                 f"- {r['method']}: {r['stop_reason']}; harmful loss {r['harmful_loss'][0]:.3f} -> "
                 f"{r['harmful_loss'][1]:.3f} (reference {r['reference_harmful_loss']:.3f}); task loss "
-                f"{r['task_loss'][0]:.3f} -> {r['task_loss'][1]:.3f}; {r['restore_steps']} steps"
+                f"{r['task_loss'][0]:.3f} -> {r['task_loss'][1]:.3f}; {r['restore_steps']} steps; restoration "
+                f"settings {json.dumps(r.get('restore_settings'))}"
             )
         if "projected" in r:
             notes.append(f"- {r['method']}: {r['projected']} modules projected")
-    return "\n".join(head + lines + ([""] + notes if notes else [])) + "\n"
+    spectrum = []
+    world = Path(args.world) / "world.json"
+    if world.is_file():
+        direction = Path(json.loads(world.read_text())["paths"]["direction"])
+        direction = direction if direction.is_absolute() else Path(args.world) / direction
+        sidecar = direction.with_name(direction.name + ".json")
+        if sidecar.is_file():
+            spectrum = spectrum_section(sidecar, Path(args.workdir) / f"direction_subspace_k{args.rank}.safetensors.json")
+    return "\n".join(head + lines + ([""] + notes if notes else []) + spectrum) + "\n"
 
 
 def sweep_report(rows: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace, title: str) -> str:
@@ -389,6 +444,8 @@ def main() -> None:
     p.add_argument("--restore_steps", type=int, default=10)
     p.add_argument("--trust_region", type=float, default=0.05)
     p.add_argument("--task_loss_budget", type=float, default=0.1)
+    p.add_argument("--cg_max_iter", type=int, default=10)
+    p.add_argument("--solver", choices=["cg", "lbfgs"], default="cg")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--sweep", default=None, help="NAME=v1,v2,...: run --methods once per value of setting NAME")
