@@ -105,7 +105,7 @@ def main() -> None:
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        f"- command: `python benchmarks/hvp_bench.py{' --quick' if args.quick else ''}`",
+        f"- command: `{' '.join(['python', 'benchmarks/hvp_bench.py', *sys.argv[1:]])}`",
         f"- model: random Llama, SmolLM2-135M shape ({model.base_model.model.config.num_hidden_layers} layers, "
         f"hidden 576), eager attention, LoRA r=8 on q_proj/v_proj ({n_params} parameters), batch {batch} x {seq} "
         f"tokens, {repeats} interleaved repeats (medians)",
