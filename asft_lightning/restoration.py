@@ -67,7 +67,7 @@ class RestorationConfig:
     top_modules: int | None = None
     """Update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all)."""
     target_margin: float = 0.01
-    """Stop when ``L_h >= reference - target_margin``."""
+    """Stop when ``L_h >= reference - target_margin`` (negative: ask for more than the reference)."""
     land_on_target: bool = True
     """Shorten a step that overshoots the reference (secant on ``L_h``), for the smallest sufficient update."""
     hvp_method: cv.HVPMethod = "auto"
@@ -103,6 +103,8 @@ class RestorationConfig:
             problems.append(f"task_loss_budget must be >= 0, got {self.task_loss_budget}")
         if self.backtracks < 0:
             problems.append(f"backtracks must be >= 0, got {self.backtracks}")
+        if not math.isfinite(self.target_margin):
+            problems.append(f"target_margin must be finite, got {self.target_margin}")
         if self.top_modules is not None and self.top_modules < 1:
             problems.append(f"top_modules must be >= 1 or None, got {self.top_modules}")
         if problems:
@@ -287,6 +289,8 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
 
     if reference_loss is None:
         reference_loss = float(reduce(torch.tensor(reference_harmful_loss(model, harmful))))
+    # where a step that overshoots lands: the reference, or beyond it when target_margin < 0
+    landing = reference_loss - min(cfg.target_margin, 0.0)
     h0, t0, _ = losses()
     h, t = h0, t0
     result = RestorationResult(reference_loss, h0, t0, h0, t0, "max_steps", False, config=asdict(cfg))
@@ -344,10 +348,10 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
             _apply(named, d, -eta)
             h, t, r = losses()
             eta = 0.0
-        elif cfg.land_on_target and h > reference_loss and h > h_prev:
+        elif cfg.land_on_target and h > landing and h > h_prev:
             # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
-            # reference instead of overshooting it, so that the update stays as small as the target allows.
-            landed = eta * (reference_loss - h_prev) / (h - h_prev)
+            # target instead of overshooting it, so that the update stays as small as the target allows.
+            landed = eta * (landing - h_prev) / (h - h_prev)
             _apply(named, d, landed - eta)
             eta = landed
             h, t, r = losses()

@@ -64,6 +64,7 @@ def restore_adapter(
     max_step_size: float = 10.0,
     refusal_weight: float = 0.0,
     task_loss_budget: float = 0.1,
+    target_margin: float = 0.01,
     top_modules: int | None = None,
     hvp_method: HVPMethod = "auto",
     overwrite: bool = False,
@@ -116,6 +117,8 @@ def restore_adapter(
         max_step_size: largest step multiplier ``eta``.
         refusal_weight: weight ``mu`` of the refusal loss in the ascent direction.
         task_loss_budget: most increase of the retain loss (nats).
+        target_margin: stop when the harmful loss reaches ``reference - target_margin``; a negative value asks for
+            more than the reference (e.g. ``-0.1``: 0.1 nats beyond the aligned model's harmful loss).
         top_modules: update only the modules with the largest influence ``|g_l^T d_l|``.
         hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference``.
         overwrite: replace ``output`` if it exists.
@@ -128,7 +131,8 @@ def restore_adapter(
     config = RestorationConfig(
         method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
         trust_region=trust_region, max_step_size=max_step_size, refusal_weight=refusal_weight,
-        task_loss_budget=task_loss_budget, top_modules=top_modules, hvp_method=hvp_method,
+        task_loss_budget=task_loss_budget, target_margin=target_margin, top_modules=top_modules,
+        hvp_method=hvp_method,
     )
     problems = []
     for name, value in (("num_harmful", num_harmful), ("num_retain", num_retain), ("batch_size", batch_size)):

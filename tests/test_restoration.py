@@ -209,6 +209,24 @@ def test_asft_restore_end_to_end(tiny_world, attacked_adapter, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_asft_restore_goes_beyond_the_reference_with_a_negative_margin(tiny_world, attacked_adapter, tmp_path):
+    """``--target_margin -0.2``: the harmful loss ends 0.2 nats above the reference (the overshooting step lands
+    on that target), further than the default stop."""
+    reports = {}
+    for name, margin in (("default", "0.01"), ("beyond", "-0.2")):
+        out = tmp_path / name
+        main(_restore_args(tiny_world, attacked_adapter, out, f"--target_margin={margin}", "--max_steps=30"))
+        reports[name] = json.loads((out / "restoration_report.json").read_text())["result"]
+    beyond, default = reports["beyond"], reports["default"]
+    assert beyond["config"]["target_margin"] == -0.2
+    assert beyond["restored"], beyond["stop_reason"]
+    assert beyond["final_harmful_loss"] >= beyond["reference_harmful_loss"] + 0.2 - 1e-6
+    assert beyond["final_harmful_loss"] == pytest.approx(beyond["reference_harmful_loss"] + 0.2, abs=0.05)
+    assert beyond["final_harmful_loss"] > default["final_harmful_loss"] + 0.1
+    with pytest.raises(ValueError, match="target_margin must be finite"):
+        RestorationConfig(target_margin=float("nan"))
+
+
 def test_asft_restore_bad_inputs(tiny_world, attacked_adapter, tmp_path):
     from transformers import LlamaForCausalLM
 

@@ -62,6 +62,8 @@ class CurvatureRestoration(Callback):
         max_step_size: largest step multiplier, > 0.
         refusal_weight: weight of the refusal loss, >= 0.
         task_loss_budget: most increase of the retain loss in nats, >= 0.
+        target_margin: stop when the harmful loss reaches ``reference - target_margin`` (negative: go beyond the
+            reference).
         top_modules: update only the most influential modules (``None``: all), >= 1.
         hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference``.
         report_name: file written into the log directory with every run's record.
@@ -90,6 +92,7 @@ class CurvatureRestoration(Callback):
         max_step_size: float = 10.0,
         refusal_weight: float = 0.0,
         task_loss_budget: float = 0.1,
+        target_margin: float = 0.01,
         top_modules: int | None = None,
         hvp_method: HVPMethod = "auto",
         report_name: str = "restoration.json",
@@ -109,7 +112,8 @@ class CurvatureRestoration(Callback):
             self.config = RestorationConfig(
                 method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
                 trust_region=trust_region, max_step_size=max_step_size, refusal_weight=refusal_weight,
-                task_loss_budget=task_loss_budget, top_modules=top_modules, hvp_method=hvp_method,
+                task_loss_budget=task_loss_budget, target_margin=target_margin, top_modules=top_modules,
+                hvp_method=hvp_method,
             )
         except ValueError as err:
             raise ValueError(f"CurvatureRestoration: {err}") from err
