@@ -196,6 +196,7 @@ class Bench:
             "harmful": a.restore_harmful, "retain": a.restore_retain, "steps": a.restore_steps,
             "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
             "solver": a.solver,
+            **({"target_margin": a.target_margin} if a.target_margin != 0.01 else {}),  # old cache keys stay valid
         }  # fmt: skip
 
     def run(self, method: str) -> dict[str, Any]:
@@ -254,6 +255,7 @@ class Bench:
                 task_loss_budget=a.task_loss_budget,
                 cg_max_iter=a.cg_max_iter,
                 solver=a.solver,
+                target_margin=a.target_margin,
                 overwrite=True,
                 progress=False,
             )
@@ -446,6 +448,7 @@ def main() -> None:
     p.add_argument("--task_loss_budget", type=float, default=0.1)
     p.add_argument("--cg_max_iter", type=int, default=10)
     p.add_argument("--solver", choices=["cg", "lbfgs"], default="cg")
+    p.add_argument("--target_margin", type=float, default=0.01, help="restoration stop: reference - margin")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--sweep", default=None, help="NAME=v1,v2,...: run --methods once per value of setting NAME")
