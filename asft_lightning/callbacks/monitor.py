@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from asft_lightning.anchor import lora_layers, lora_shapes
+from asft_lightning.callbacks._peft import peft_model_of
 from asft_lightning.direction import DirectionError, ModuleDirection, atomic_write_bytes, atomic_write_text
 from asft_lightning.regularizers import update_energy
 
@@ -306,15 +307,7 @@ class SafetyMonitor(Callback):
         self._directions, self._direction_source = None, None
 
     def _peft_model(self, pl_module: L.LightningModule) -> nn.Module:
-        from peft import PeftModel
-
-        model = getattr(pl_module, "model", None)
-        if not isinstance(model, PeftModel):
-            raise TypeError(
-                f"SafetyMonitor needs {type(pl_module).__name__}.model to be a peft.PeftModel (a model wrapped with "
-                f"LoRA), got {type(model).__name__}"
-            )
-        return model
+        return peft_model_of(pl_module, "SafetyMonitor")
 
     def _check_model(self, pl_module: L.LightningModule) -> None:
         model = self._peft_model(pl_module)

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
+from asft_lightning.callbacks._peft import peft_model_of
 from asft_lightning.curvature import HVPMethod
 from asft_lightning.restoration import RestorationConfig, RestorationResult, restore
 
@@ -168,16 +170,8 @@ class CurvatureRestoration(Callback):
             if self.retain_data else None,
         }
 
-    def _peft_model(self, pl_module: L.LightningModule):
-        from peft import PeftModel
-
-        model = getattr(pl_module, "model", None)
-        if not isinstance(model, PeftModel):
-            raise TypeError(
-                f"CurvatureRestoration needs {type(pl_module).__name__}.model to be a peft.PeftModel, "
-                f"got {type(model).__name__}"
-            )
-        return model
+    def _peft_model(self, pl_module: L.LightningModule) -> nn.Module:
+        return peft_model_of(pl_module, "CurvatureRestoration")
 
     def _make_batches(self, trainer: L.Trainer) -> tuple:
         from asft_lightning.data import sample_batches
