@@ -160,6 +160,30 @@ def test_callback_argument_checks():
         CurvatureRestoration(harmful_data="x.jsonl", every_n_epochs=0)
 
 
+def test_callback_setup_checks_the_rows_it_will_use_divide_over_the_processes(tiny_world):
+    """The batch counts are checked in setup on the rows actually loaded, including the training set's task rows."""
+    from types import SimpleNamespace
+
+    from asft_lightning.callbacks import CurvatureRestoration
+    from asft_lightning.data import Sample
+
+    def trainer(task_rows: int, world: int = 2):
+        dm = SimpleNamespace(train_samples=[Sample("p", "r", "task", i) for i in range(task_rows)])
+        return SimpleNamespace(world_size=world, strategy=None, datamodule=dm)
+
+    cb = CurvatureRestoration(harmful_data=tiny_world["harmful"], num_harmful=32, num_retain=64, batch_size=16)
+    cb.setup(trainer(task_rows=100), None, "fit")  # 2 harmful batches, 4 retain batches: both split over 2
+    # Only 20 task rows in the training set: 2 batches, fine; 10 rows: 1 batch, which 2 processes cannot share.
+    cb.setup(trainer(task_rows=20), None, "fit")
+    with pytest.raises(ValueError, match=r"the training set's task rows gives 10 row\(s\).*1 batch\(es\).*2 processes"):
+        cb.setup(trainer(task_rows=10), None, "fit")
+    # num_harmful caps the rows, but the file decides how many there are: 3 batches of 16 from 48 rows.
+    odd = CurvatureRestoration(harmful_data=tiny_world["harmful"], num_harmful=48, num_retain=32, batch_size=16)
+    with pytest.raises(ValueError, match=r"harmful_data gives 48 row\(s\).*3 batch\(es\).*multiple of the world size 2"):
+        odd.setup(trainer(task_rows=100), None, "fit")
+    odd.setup(trainer(task_rows=100, world=1), None, "fit")  # one process: any count
+
+
 def _restore_args(world, adapter, output, *extra):
     return [
         "restore",

@@ -149,15 +149,6 @@ class CurvatureRestoration(Callback):
             self._config_run = replace(self.config, hvp_method="finite_difference")
         else:
             self._config_run = self.config
-        world = trainer.world_size
-        for what, count in (("num_harmful", self.num_harmful), ("num_retain", self.num_retain)):
-            batches = -(-count // self.batch_size)
-            if world > 1 and batches % world:
-                raise ValueError(
-                    f"CurvatureRestoration: {what}={count} at batch_size={self.batch_size} makes {batches} batch(es), "
-                    f"which do not divide over {world} processes; choose {what} and batch_size so that "
-                    f"ceil({what} / batch_size) is a multiple of the world size {world}"
-                )
         from asft_lightning.data import load_samples
 
         # Validate the data files now, before any training.
@@ -169,6 +160,32 @@ class CurvatureRestoration(Callback):
                                    self.columns["retain"][2], self.columns["retain"][1], limit=self.num_retain)
             if self.retain_data else None,
         }
+        # The rows each restoration will use (the data module's setup has run before the callbacks'): their batch
+        # counts must divide over the processes, checked here rather than after the first epoch.
+        counts = {"harmful_data": len(self._samples["harmful"])}
+        if self._samples["refusal"] is not None:
+            counts["refusal_data"] = len(self._samples["refusal"])
+        if self._samples["retain"] is not None:
+            counts["retain_data"] = len(self._samples["retain"])
+        elif getattr(trainer.datamodule, "train_samples", None):
+            counts["the training set's task rows"] = len(self._retain_from_training(trainer.datamodule))
+        for what, count in counts.items():
+            self._check_split(what, count, trainer.world_size)
+
+    def _retain_from_training(self, dm: Any) -> list:
+        """Retain rows when no ``retain_data`` is given: the first ``num_retain`` task rows of the training set."""
+        return [s for s in dm.train_samples if s.source == "task"][: self.num_retain]
+
+    def _check_split(self, what: str, rows: int, world: int) -> None:
+        """Raise unless ``rows`` rows in batches of ``batch_size`` divide evenly over ``world`` processes."""
+        batches = -(-rows // self.batch_size)
+        if world > 1 and batches % world:
+            raise ValueError(
+                f"CurvatureRestoration: {what} gives {rows} row(s) (num_harmful={self.num_harmful}, "
+                f"num_retain={self.num_retain} cap the harmful / retain rows), {batches} batch(es) of "
+                f"batch_size={self.batch_size}, which do not divide over {world} processes; choose the counts and "
+                f"batch_size so that ceil(rows / batch_size) is a multiple of the world size {world}"
+            )
 
     def _peft_model(self, pl_module: L.LightningModule) -> nn.Module:
         return peft_model_of(pl_module, "CurvatureRestoration")
@@ -182,7 +199,7 @@ class CurvatureRestoration(Callback):
         tok = dm.load_tokenizer()
         retain = self._samples["retain"]
         if retain is None:
-            retain = [s for s in dm.train_samples if s.source == "task"][: self.num_retain]
+            retain = self._retain_from_training(dm)
             if not retain:
                 raise ValueError("CurvatureRestoration: the training set has no task rows; give retain_data")
 
@@ -191,12 +208,7 @@ class CurvatureRestoration(Callback):
                 return None
             out = sample_batches(tok, samples, self.batch_size, dm.max_length, dm.template, dm.system_prompt)
             world, rank = trainer.world_size, trainer.global_rank
-            if len(out) % world:
-                raise ValueError(
-                    f"CurvatureRestoration: {len(out)} batch(es) cannot be split evenly over {world} processes; "
-                    "choose num_harmful / num_retain / batch_size so that the batch count is a multiple of the "
-                    "world size"
-                )
+            self._check_split("restoration data", len(samples), world)
             return out[rank::world]
 
         return batches(self._samples["harmful"]), batches(retain), batches(self._samples["refusal"])
