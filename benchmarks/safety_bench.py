@@ -404,6 +404,46 @@ def sweep_report(rows: list[tuple[str, str, dict[str, Any]]], args: argparse.Nam
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    """Mean and sample standard deviation over seeds per method, and each method's paired HS / FA change from SFT.
+
+    The pairing is by seed (same data draw and initialisation), which removes the seed-to-seed spread the methods
+    share; a change is only listed for seeds where ``sft`` ran too.
+    """
+    import statistics
+
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for varied, method, r in rows:
+        by_method.setdefault(method, {})[varied] = r
+    sft = by_method.get("sft", {})
+
+    def stats(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+    lines = [
+        "",
+        "### Over seeds (mean ± sample sd; change: paired with SFT of the same seed)",
+        "",
+        "| method | seeds | HS | FA | HS change vs SFT | FA change vs SFT | HS cut vs SFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in by_method.items():
+        hs = [r["HS"] for r in runs.values()]
+        fa = [r["FA"] for r in runs.values()]
+        paired = [k for k in runs if k in sft]
+        if method != "sft" and paired:
+            d_hs = [runs[k]["HS"] - sft[k]["HS"] for k in paired]
+            d_fa = [runs[k]["FA"] - sft[k]["FA"] for k in paired]
+            cut = 100 * -sum(d_hs) / sum(sft[k]["HS"] for k in paired)
+            change = f"{stats(d_hs)} | {stats(d_fa)} | {cut:.0f}%"
+        else:
+            change = " |  | "
+        lines.append(f"| {method} | {len(runs)} | {stats(hs)} | {stats(fa)} | {change} |")
+    return lines
+
+
 def run_sweep(args: argparse.Namespace) -> None:
     """``--sweep NAME=v1,v2,...``: run ``--methods`` once per value of one setting (e.g. ``lam_subspace``, ``p``)."""
     name, _, values = args.sweep.partition("=")
@@ -417,6 +457,8 @@ def run_sweep(args: argparse.Namespace) -> None:
         for method in args.methods.split(","):
             rows.append((f"{name}={value}", method.strip(), bench.run(method.strip())))
             text = sweep_report(rows, args, f"Sweep over {name}")
+            if name == "seed":
+                text += "\n".join(seed_summary(rows)) + "\n"
             print(text, flush=True)
             if args.out:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
