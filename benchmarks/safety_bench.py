@@ -38,6 +38,8 @@ METHODS = {
     "safelora": "Safe LoRA on the SFT adapter (10 lowest-cosine modules projected)",
     "asft_safelora": "AsFT, published projector C = V V^T / ||V||_F",
     "asft_subspace": "AsFT, exact subspace projector (top-k left singular vectors of V)",
+    "asft_rotated": "control: AsFT with the published projector built from a randomly rotated V (Q1 V Q2: same "
+    "norm and spectrum, random subspaces) - what the penalty does without the alignment direction's subspace",
     "asft_sign": "AsFT published projector + sign-aware extension (ours)",
     "sft_restore_curvature": "SFT + restoration, curvature (CG on task HVPs)",
     "sft_restore_first_order": "SFT + restoration, first-order baseline",
@@ -72,6 +74,37 @@ def _decomposition(adapter: Path, subspace: str, full: str) -> dict[str, float]:
         "share_in_subspace": inside / energy if energy else 0.0,
         "signed_along_V": along,  # sum over modules of <dW_l, V_l> / ||V_l||
     }
+
+
+def rotate_direction(src: str | os.PathLike, dst: str | os.PathLike, seed: int = 0) -> None:
+    """Write a control direction file: every module's V replaced by ``Q1 V Q2`` with Haar-random orthogonal Q1, Q2.
+
+    The rotated V has V's Frobenius norm and singular values (so the published C has the same spectrum and the
+    penalty the same strength), but its row and column spaces are random: fine-tuning with it measures how much of
+    AsFT's effect comes from the alignment direction itself rather than from the penalty's shrinkage of ``B A``.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from asft_lightning.direction import atomic_save_safetensors
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def haar(n: int) -> torch.Tensor:
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))  # sign fix: Haar-distributed
+
+    with safe_open(str(src), "pt") as fh:
+        header = dict(fh.metadata())
+        tensors = {k: fh.get_tensor(k) for k in sorted(fh.keys())}
+    for key, value in tensors.items():
+        if key.endswith(".direction"):
+            v = value.to(torch.float64)
+            tensors[key] = (haar(v.shape[0]) @ v @ haar(v.shape[1])).to(value.dtype)
+    meta = json.loads(header["asft"])
+    meta["control"] = {"kind": "random_rotation", "seed": seed, "source": str(src)}
+    header["asft"] = json.dumps(meta)
+    atomic_save_safetensors(tensors, Path(dst), header)
 
 
 class Bench:
@@ -229,6 +262,11 @@ class Bench:
             adapter = self.fit("asft_safelora", a.lam_safelora, full)
         elif method == "asft_subspace":
             adapter = self.fit("asft_subspace", a.lam_subspace, self.subspace_direction())
+        elif method == "asft_rotated":
+            rotated = self.work / f"direction_rotated_seed{a.seed}.safetensors"
+            if not rotated.is_file():
+                rotate_direction(full, rotated, seed=a.seed)
+            adapter = self.fit("asft_rotated", a.lam_safelora, str(rotated))
         elif method == "asft_sign":
             adapter = self.fit("asft_sign", a.lam_safelora, full, [f"--model.sign_weight={a.sign_weight}"])
         elif method in ("sft_restore_curvature", "sft_restore_first_order", "asft_restore"):

@@ -33,3 +33,27 @@ def test_seed_summary_means_sds_and_paired_changes():
     assert table["asft"] == "| asft | 3 | 20.7 ± 3.1 | 44.3 ± 3.1 | -4.3 ± 2.1 | -0.7 ± 2.1 | 17% |"
     assert table["aligned"] == "| aligned | 1 | 6.0 | 22.0 | -24.0 | -18.0 | 80% |"
     assert table["other"] == "| other | 1 | 10.0 | 10.0 |  |  |  |"
+
+
+def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tiny_direction, tmp_path):
+    import torch
+
+    from asft_lightning.direction import load_direction
+
+    out = tmp_path / "rotated.safetensors"
+    sb.rotate_direction(tiny_direction, out, seed=3)
+    original, rotated = load_direction(tiny_direction), load_direction(out)
+    assert rotated.metadata["control"]["kind"] == "random_rotation"
+    assert set(rotated.modules) == set(original.modules)
+    for name, mod in original.modules.items():
+        v = mod.direction.to(torch.float64)
+        w = rotated.modules[name].direction.to(torch.float64)
+        assert w.shape == v.shape
+        # Same singular values (float32 storage: relative 1e-5), hence the same C spectrum and penalty strength.
+        torch.testing.assert_close(torch.linalg.svdvals(w), torch.linalg.svdvals(v), rtol=1e-5, atol=1e-6 * float(v.norm()))
+        # A different matrix: no longer the alignment direction.
+        assert float((w * v).sum() / (w.norm() * v.norm())).__abs__() < 0.5
+    sb.rotate_direction(tiny_direction, tmp_path / "again.safetensors", seed=3)
+    again = load_direction(tmp_path / "again.safetensors")
+    for name, mod in rotated.modules.items():
+        assert torch.equal(mod.direction, again.modules[name].direction)  # deterministic per seed
