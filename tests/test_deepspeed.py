@@ -432,7 +432,7 @@ def test_restoration_under_zero_matches_single_process(
         assert moved > 1e-2, moved
 
 
-def test_restoration_zero3_refuses_exact_hvp():
+def test_restoration_zero3_refuses_exact_hvp(tmp_path):
     from lightning.pytorch.accelerators import CPUAccelerator
 
     from asft_lightning.callbacks import CurvatureRestoration
@@ -441,12 +441,15 @@ def test_restoration_zero3_refuses_exact_hvp():
     class _Trainer:
         strategy = DeepSpeedCPUStrategy(stage=3, accelerator=CPUAccelerator())
         world_size = 2
+        datamodule = None
 
     callback = CurvatureRestoration(harmful_data="h.jsonl", hvp_method="double_backward")
     with pytest.raises(ValueError, match="not supported under DeepSpeed ZeRO stage 3.*finite_difference"):
         callback.setup(_Trainer(), None, "fit")
-    callback = CurvatureRestoration(harmful_data="h.jsonl", num_harmful=24, batch_size=8)
-    with pytest.raises(ValueError, match=r"num_harmful=24 at batch_size=8 makes 3 batch\(es\).*2 processes"):
+    harmful = tmp_path / "h.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f"r{i}"}) + "\n" for i in range(24)))
+    callback = CurvatureRestoration(harmful_data=str(harmful), num_harmful=24, batch_size=8)
+    with pytest.raises(ValueError, match=r"harmful_data gives 24 row\(s\).*3 batch\(es\) of batch_size=8.*2 processes"):
         callback.setup(_Trainer(), None, "fit")
 
 
