@@ -52,7 +52,7 @@ def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tin
         # Same singular values (float32 storage: relative 1e-5), hence the same C spectrum and penalty strength.
         torch.testing.assert_close(torch.linalg.svdvals(w), torch.linalg.svdvals(v), rtol=1e-5, atol=1e-6 * float(v.norm()))
         # A different matrix: no longer the alignment direction.
-        assert float((w * v).sum() / (w.norm() * v.norm())).__abs__() < 0.5
+        assert abs(float((w * v).sum() / (w.norm() * v.norm()))) < 0.5
     sb.rotate_direction(tiny_direction, tmp_path / "again.safetensors", seed=3)
     again = load_direction(tmp_path / "again.safetensors")
     for name, mod in rotated.modules.items():

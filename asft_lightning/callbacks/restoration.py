@@ -197,18 +197,19 @@ class CurvatureRestoration(Callback):
         if dm is None or not hasattr(dm, "load_tokenizer"):
             raise TypeError("CurvatureRestoration needs an AsFTDataModule (for the tokenizer and prompt template)")
         tok = dm.load_tokenizer()
+        world, rank = trainer.world_size, trainer.global_rank
         retain = self._samples["retain"]
         if retain is None:
             retain = self._retain_from_training(dm)
             if not retain:
                 raise ValueError("CurvatureRestoration: the training set has no task rows; give retain_data")
+            # setup checked the files' rows; these it could only check if the data module had its samples then
+            self._check_split("the training set's task rows", len(retain), world)
 
         def batches(samples):
             if samples is None:
                 return None
             out = sample_batches(tok, samples, self.batch_size, dm.max_length, dm.template, dm.system_prompt)
-            world, rank = trainer.world_size, trainer.global_rank
-            self._check_split("restoration data", len(samples), world)
             return out[rank::world]
 
         return batches(self._samples["harmful"]), batches(retain), batches(self._samples["refusal"])
