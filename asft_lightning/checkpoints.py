@@ -8,9 +8,7 @@ Nothing here ever writes to a checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor
+
+from asft_lightning.fileio import sha256_file  # noqa: F401 (its old home)
 
 #: config.json fields that must agree between two checkpoints for their weights to be comparable.
 ARCHITECTURE_FIELDS = (
@@ -42,15 +42,6 @@ def split_gguf(path: str, gguf_file: str | None = None) -> tuple[str, str | None
         p = Path(path)
         return str(p.parent), p.name
     return str(path), gguf_file
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """Hex SHA-256 of a file, read in 16 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def architecture_fingerprint(config: dict[str, Any]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def load_world(root: str | os.PathLike) -> dict[str, Any]:
 
 def _fingerprint(path: Path) -> Any:
     """Content hash of a small file, size and mtime of a large one, recursively for a directory."""
-    from asft_lightning.checkpoints import sha256_file
+    from asft_lightning.fileio import sha256_file
 
     if path.is_dir():
         return [[str(f.relative_to(path)), _fingerprint(f)] for f in sorted(path.rglob("*")) if f.is_file()]
@@ -195,7 +195,7 @@ class _Demo:
             return None
 
     def _save(self, record: dict[str, Any], path: Path) -> None:
-        from asft_lightning.direction import atomic_write_text
+        from asft_lightning.fileio import atomic_write_text
 
         atomic_write_text(json.dumps(record, indent=2) + "\n", path)
 
@@ -510,7 +510,7 @@ def demo(
         title = f"# asft demo: aligned vs plain LoRA vs AsFT ({preset} world{', quick' if quick else ''})"
         markdown = "\n".join([title, "", table, "", *(f"- {x}" for x in notes), "",
                               f"World: `{info['root']}`. This run: {seconds:.1f} s.", ""])
-        from asft_lightning.direction import atomic_write_text
+        from asft_lightning.fileio import atomic_write_text
 
         atomic_write_text(markdown, out / "demo.md")
         atomic_write_text(json.dumps(report, indent=2) + "\n", out / "demo.json")

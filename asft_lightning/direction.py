@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from asft_lightning import regularizers as R
 from asft_lightning.checkpoints import CheckpointError, CheckpointReader, architecture_fingerprint
+from asft_lightning.fileio import atomic_write_bytes, atomic_write_file, atomic_write_text  # noqa: F401 (the writers' old home)
 
 FORMAT_VERSION = 1
 Projector = Literal["safelora", "subspace"]
@@ -188,33 +188,8 @@ def _top_basis(v: Tensor, rank: int | None, energy: float | None) -> tuple[Tenso
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file through a temporary file in the same directory, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write bytes through a temporary file in the same directory, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(text.encode("utf-8"), path)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write_file(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
 def _targeted_weights(reader: CheckpointReader, target_modules: str | list[str]) -> list[str]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +21,7 @@ from torch import Tensor
 from asft_lightning.anchor import LoraAnchor, lora_layers, lora_shapes
 from asft_lightning.checkpoints import architecture_fingerprint, load_model_config, split_gguf
 from asft_lightning.direction import DirectionSet, load_direction
+from asft_lightning.fileio import atomic_replace_dir
 from asft_lightning.strategies import gathered, hf_zero3_init, outside_zero_init, zero_stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -39,29 +37,6 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
-def atomic_replace_dir(build: Any, target: str | os.PathLike) -> Path:
-    """Build a directory with ``build(tmp_dir)`` next to ``target``, then swap it into place.
-
-    A crash leaves either the old directory or the new one at ``target``, never a half-written one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 class AsFTModule(L.LightningModule):

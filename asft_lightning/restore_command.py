@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import torch
 
-from asft_lightning.checkpoints import sha256_file
 from asft_lightning.curvature import HVPMethod
+from asft_lightning.fileio import sha256_file
 from asft_lightning.restoration import RestorationConfig, StepRecord, reference_harmful_loss, restore
 
 REPORT_NAME = "restoration_report.json"
@@ -125,7 +125,7 @@ def restore_adapter(
         progress: show a progress bar.
     """
     from asft_lightning.data import _load_tokenizer, load_samples, sample_batches
-    from asft_lightning.module import atomic_replace_dir
+    from asft_lightning.fileio import atomic_replace_dir
 
     # ---- everything cheap first: settings, paths, data -------------------------------------------------
     config = RestorationConfig(

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +37,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from asft_lightning import regularizers as R
-from asft_lightning.checkpoints import sha256_file
 from asft_lightning.direction import DirectionSet, ModuleDirection, load_direction
+from asft_lightning.fileio import atomic_replace_dir, sha256_file
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -378,22 +376,6 @@ def _check_output(adapter: Path, output: Path, direction: Path, overwrite: bool)
             raise SafeLoRAError(f"{output}: exists and is not empty; pass overwrite=True to replace it")
 
 
-def _install_dir(tmp: Path, output: Path) -> None:
-    """Move the finished directory ``tmp`` to ``output``; an existing ``output`` is swapped out, then deleted."""
-    if not output.exists():
-        os.replace(tmp, output)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
-    os.rmdir(old)
-    os.replace(output, old)
-    try:
-        os.replace(tmp, output)
-    except BaseException:
-        os.replace(old, output)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def safelora(
     adapter: str,
     direction: str,
@@ -441,9 +423,7 @@ def safelora(
         **report,
     }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp.", dir=output_dir.parent))
-    try:
+    def build(tmp: Path) -> None:
         copied = []
         for src in sorted(adapter_dir.iterdir()):
             if src.is_file() and not src.name.startswith("adapter_model.") and src.name != REPORT_NAME:
@@ -462,15 +442,6 @@ def safelora(
             {k: v.contiguous() for k, v in new_state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=meta
         )
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _install_dir(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_replace_dir(build, output_dir)
     return report
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

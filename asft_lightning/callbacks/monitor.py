@@ -28,7 +28,8 @@ from torch import nn
 
 from asft_lightning.anchor import lora_layers, lora_shapes
 from asft_lightning.callbacks._peft import peft_model_of
-from asft_lightning.direction import DirectionError, ModuleDirection, atomic_write_bytes, atomic_write_text
+from asft_lightning.direction import DirectionError, ModuleDirection
+from asft_lightning.fileio import atomic_write_bytes, atomic_write_text
 from asft_lightning.regularizers import update_energy
 
 __all__ = ["SafetyMonitor", "lora_drift"]

@@ -248,7 +248,7 @@ class CurvatureRestoration(Callback):
                 )
         log_dir = trainer.log_dir  # a collective (a broadcast): every rank must ask
         if trainer.is_global_zero and log_dir:
-            from asft_lightning.direction import atomic_write_text
+            from asft_lightning.fileio import atomic_write_text
 
             atomic_write_text(json.dumps(self.history, indent=2) + "\n", Path(log_dir) / self.report_name)
         return result
