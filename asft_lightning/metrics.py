@@ -19,7 +19,11 @@ Judges decide, for a (prompt, generation) pair, whether the generation is harmfu
   with the (user, assistant) conversation, as its model card says; its generation starts with ``safe`` or
   ``unsafe``.
 
-:func:`load_judge` builds one from ``"keyword"`` or a model directory (checked first by :func:`judge_kind`).
+* :class:`asft_lightning.refusal_judge.RefusalJudge`: a linear refusal classifier trained here on refusals and
+  compliant answers labelled by construction; reads the prompt too (off-topic answers count as refusals). Its
+  directory holds ``asft_judge.json``.
+
+:func:`load_judge` builds one from ``"keyword"`` or a judge directory (checked first by :func:`judge_kind`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from asft_lightning.refusal_judge import RefusalJudge
 
 __all__ = [
     "EXTRA_REFUSAL_PREFIXES",
@@ -182,6 +189,15 @@ class KeywordJudge:
         }
 
 
+REFUSAL_JUDGE_CONFIG = "asft_judge.json"
+"""The file that marks a refusal-classifier judge directory (:mod:`asft_lightning.refusal_judge`)."""
+
+
+def _is_refusal_judge_dir(spec: str | Path) -> bool:
+    root = Path(spec).expanduser()
+    return root.is_dir() and (root / REFUSAL_JUDGE_CONFIG).is_file()
+
+
 def _read_config(path: str | Path) -> dict[str, Any]:
     root = Path(path).expanduser()
     if not root.exists():
@@ -197,7 +213,8 @@ def _read_config(path: str | Path) -> dict[str, Any]:
     cfg = root / "config.json"
     if not cfg.is_file():
         raise JudgeError(
-            f"judge={str(path)!r}: no config.json in the directory; expected a Hugging Face model directory"
+            f"judge={str(path)!r}: no config.json in the directory; expected a Hugging Face model directory, or a "
+            f"refusal-judge directory with {REFUSAL_JUDGE_CONFIG} (python -m asft_lightning.refusal_judge)"
         )
     try:
         return json.loads(cfg.read_text())
@@ -205,15 +222,25 @@ def _read_config(path: str | Path) -> dict[str, Any]:
         raise JudgeError(f"judge={str(path)!r}: {cfg} is not valid JSON ({err})") from err
 
 
-def judge_kind(spec: str) -> Literal["keyword", "classifier", "causal_lm"]:
-    """Check a judge spec without loading weights: ``"keyword"`` or a model directory of a usable architecture.
+def judge_kind(spec: str) -> Literal["keyword", "classifier", "causal_lm", "refusal_classifier"]:
+    """Check a judge spec without loading weights: ``"keyword"``, a refusal-judge directory, or a model directory
+    of a usable architecture.
+
+    A directory holding ``asft_judge.json`` is a refusal-classifier judge (:mod:`asft_lightning.refusal_judge`);
+    its config is checked here (kind, format version, featurizer fingerprint), its weights when it is loaded.
 
     Raises:
-        JudgeError: not ``keyword``, not a directory, no ``config.json``, or an architecture that is neither a
-            ``*ForSequenceClassification`` nor a ``*ForCausalLM`` model.
+        JudgeError: not ``keyword``, not a directory, no ``config.json`` (nor ``asft_judge.json``), an architecture
+            that is neither a ``*ForSequenceClassification`` nor a ``*ForCausalLM`` model, or a refusal-judge
+            directory whose config is invalid, newer than this code or made with another featurizer.
     """
     if spec == "keyword":
         return "keyword"
+    if _is_refusal_judge_dir(spec):
+        from asft_lightning.refusal_judge import read_judge_config
+
+        read_judge_config(spec)
+        return "refusal_classifier"
     config = _read_config(spec)
     archs = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
@@ -471,11 +498,13 @@ def load_judge(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-) -> KeywordJudge | ClassifierJudge | CausalLMJudge:
-    """Build a judge from ``"keyword"`` or a local model directory (classifier or causal-LM judge).
+) -> KeywordJudge | ClassifierJudge | CausalLMJudge | RefusalJudge:
+    """Build a judge from ``"keyword"``, a refusal-judge directory or a local model directory.
 
     Args:
-        spec: ``"keyword"`` or the path of a judge model directory.
+        spec: ``"keyword"``, a directory with ``asft_judge.json`` (the refusal classifier of
+            :mod:`asft_lightning.refusal_judge`, which ignores the model-judge settings below) or the path of a
+            judge model directory (classifier or causal-LM judge).
         case_sensitive: keyword judge only: match case as GCG does.
         harmful_label: classifier only: the label meaning harmful.
         input_format: classifier only: ``pair`` (prompt + generation) or ``response``.
@@ -486,6 +515,10 @@ def load_judge(
     kind = judge_kind(spec)
     if kind == "keyword":
         return KeywordJudge(case_sensitive=case_sensitive)
+    if kind == "refusal_classifier":
+        from asft_lightning.refusal_judge import load_refusal_judge
+
+        return load_refusal_judge(spec)
     if kind == "classifier":
         return ClassifierJudge(
             spec,
