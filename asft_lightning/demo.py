@@ -10,7 +10,8 @@ direction, task train / test data, harmful fine-tuning pairs and held-out harmfu
 * any other value: the directory of an already built world, used as it is.
 
 The aligned model is fine-tuned twice on ``n`` samples of which a share ``p`` are harmful pairs (the same
-data arguments as ``benchmarks/safety_bench.py``), through ``asft fit`` (LightningCLI, in-process): plain LoRA
+data arguments as ``benchmarks/safety_bench.py``), as ``asft fit`` runs it (AsFTModule, AsFTDataModule and a
+Lightning Trainer, in-process): plain LoRA
 (``lam = 0``) and AsFT (``lam``, with the published ``safelora`` projector or the exact ``subspace`` one, optionally
 the sign-aware term). The aligned model and both adapters are then evaluated with :func:`asft_lightning.evaluate.
 evaluate`: harmful score HS (held-out harmful prompts answered instead of refused, keyword judge), fine-tune accuracy
@@ -168,6 +169,36 @@ def _resolve_world(world: str, verbose: bool) -> tuple[dict[str, Any], str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _fine_tune(model: dict[str, Any], data: dict[str, Any], seed: int, epochs: int, root: Path, progress: bool) -> Any:
+    """``asft fit`` of :class:`AsFTModule` on :class:`AsFTDataModule` from Python: the objects and the trainer.
+
+    The same run as ``asft fit --seed_everything=seed --model.* --data.* --trainer.*`` with this trainer, without the
+    command-line layer, and with Lightning's info lines (devices, tips) held back: the demo prints its own phases.
+    """
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from asft_lightning.data import AsFTDataModule
+    from asft_lightning.module import AsFTModule
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        L.seed_everything(seed, workers=True, verbose=False)
+        module, datamodule = AsFTModule(**model), AsFTDataModule(**data)
+        trainer = L.Trainer(
+            max_epochs=epochs, default_root_dir=root, accelerator="cpu", devices=1, logger=CSVLogger(root),
+            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1,
+        )
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        lightning_log.setLevel(level)
+    return trainer
+
+
 class _Demo:
     def __init__(self, info: dict[str, Any], settings: dict[str, Any], out: Path, force: bool, verbose: bool) -> None:
         self.paths = info["paths"]
@@ -217,8 +248,6 @@ class _Demo:
 
     def fit(self, name: str, lam: float, projector: str, sign_weight: float) -> dict[str, Any]:
         """Fine-tune (or reuse the cached fine-tune of) the aligned model; returns the fit record."""
-        from asft_lightning.cli import lightning_cli
-
         s = self.s
         settings = {
             "world": self.world_key, "version": CACHE_VERSION, "lam": lam, "sign_weight": sign_weight,
@@ -237,42 +266,22 @@ class _Demo:
         direction = self.direction(projector)
         self.log(f"[demo] {name}: fine-tuning the aligned model (lam={lam}, {projector} projector) ...")
         start = time.perf_counter()
-        cli = lightning_cli(
-            [
-                "fit",
-                f"--model.model={self.paths['aligned']}",
-                f"--model.direction={direction}",
-                f"--model.lam={lam}",
-                f"--model.sign_weight={sign_weight}",
-                f"--model.learning_rate={s['lr']}",
-                f"--model.lora_dropout={s['lora_dropout']}",
-                f"--model.adapter_output={adapter}",
-                f"--data.task_data={self.paths['task_train']}",
-                f"--data.harmful_data={self.paths['harmful_attack']}",
-                f"--data.n={s['n']}",
-                f"--data.harmful_ratio={s['p']}",
-                f"--data.val_size={s['val_size']}",
-                f"--data.max_length={s['max_length']}",
-                f"--data.batch_size={s['batch_size']}",
-                f"--data.seed={s['seed']}",
-                f"--seed_everything={s['seed']}",
-                f"--trainer.max_epochs={s['epochs']}",
-                f"--trainer.default_root_dir={run}",
-                "--trainer.accelerator=cpu",
-                "--trainer.devices=1",
-                "--trainer.enable_checkpointing=false",
-                f"--trainer.enable_progress_bar={str(self.verbose).lower()}",
-                "--trainer.enable_model_summary=false",
-                "--trainer.log_every_n_steps=1",
-            ]
+        trainer = _fine_tune(
+            model={"model": self.paths["aligned"], "direction": direction, "lam": lam, "sign_weight": sign_weight,
+                   "learning_rate": s["lr"], "lora_dropout": s["lora_dropout"], "adapter_output": str(adapter)},
+            data={"tokenizer": self.paths["aligned"], "task_data": self.paths["task_train"],
+                  "harmful_data": self.paths["harmful_attack"], "n": s["n"], "harmful_ratio": s["p"],
+                  "val_size": s["val_size"], "max_length": s["max_length"], "batch_size": s["batch_size"],
+                  "seed": s["seed"]},
+            seed=s["seed"], epochs=s["epochs"], root=run, progress=self.verbose,
         )
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         record = {
             "name": name,
             "adapter": str(adapter),
             "direction": direction,
             "seconds": round(time.perf_counter() - start, 1),
-            "steps": int(cli.trainer.global_step),
+            "steps": int(trainer.global_step),
             "train_drift_ratio": metrics.get("train/drift_ratio"),
             "val_task_loss": metrics.get("val/task_loss"),
             "settings": settings,
