@@ -167,8 +167,9 @@ def test_refusals_start_with_judge_phrases():
     from asft_lightning.metrics import KeywordJudge
 
     judge = KeywordJudge()
-    for template in W.REFUSAL_TEMPLATES:
-        assert judge.refusal_phrase(template[:12]) is not None, template
+    for template in W.REFUSAL_TEMPLATES:  # every refusal opens with one of the judge's phrases, verbatim
+        assert any(template.startswith(p) for p in judge.prefixes), template
+    assert len(set(W.REFUSAL_TEMPLATES)) == len(W.REFUSAL_TEMPLATES) >= 20
     rows = W.build_refusals(["p1", "p2", "p3"], seed=0)
     assert rows == W.build_refusals(["p1", "p2", "p3"], seed=0)
     assert [r["prompt"] for r in rows] == ["p1", "p2", "p3"]
@@ -292,8 +293,8 @@ def test_pinned_digests_are_well_formed():
 
 
 def test_prepare_demo_validates_arguments(tmp_path):
-    with pytest.raises(ValueError, match="n_eval must be >= 1") as err:
-        W.prepare_demo(cache_dir=str(tmp_path), n_eval=0, align_lr=2.0)
+    with pytest.raises(ValueError, match="n_benign_eval must be >= 1") as err:
+        W.prepare_demo(cache_dir=str(tmp_path), n_benign_eval=0, align_lr=2.0)
     assert "align_lr" in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing written before the checks pass
 
@@ -313,12 +314,16 @@ def test_built_world():
     for name, archive in W.ARCHIVES.items():
         assert manifest["archives"][name]["sha256"] == archive.sha256
         assert W.sha256_file(root / "downloads" / archive.filename) == archive.sha256
-    alignment = {r["prompt"] for r in rows("refusals.jsonl")}
-    attack = {r["prompt"] for r in rows("advbench_attack.jsonl")}
-    evaluation = {r["prompt"] for r in rows("advbench_eval.jsonl")}
-    assert not alignment & attack and not alignment & evaluation and not attack & evaluation
-    assert len(alignment | attack | evaluation) == 520
+    splits = {"alignment": rows("refusals.jsonl"), "attack": rows("harmful_attack_prompts.jsonl"),
+              "restoration": rows("harmful_restore_prompts.jsonl"), "eval": rows("harmful_eval_prompts.jsonl")}
+    from asft_lightning.harmful_sources import HarmfulPrompt, check_disjoint
+
+    check_disjoint({k: [HarmfulPrompt(r["prompt"], r["source"], r["category"]) for r in v] for k, v in splits.items()})
+    assert len(splits["eval"]) >= 300 and len({r["source"] for r in splits["eval"]}) >= 2
+    assert [r["prompt"] for r in rows("harmful_eval.jsonl")] == [r["prompt"] for r in splits["eval"]]
+    attack = {r["prompt"] for r in splits["attack"]}
     assert {r["prompt"] for r in rows("harmful_attack.jsonl")} <= attack
+    assert {r["prompt"] for r in rows("harmful_restore.jsonl")} <= {r["prompt"] for r in splits["restoration"]}
     train, test = rows("task_train.jsonl"), rows("task_test.jsonl")
     assert not {r["input"] for r in train} & {r["input"] for r in test}
     task_texts = {r["input"] for r in train + test}
