@@ -21,9 +21,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import sys
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +28,8 @@ import torch
 
 from asft_lightning.checkpoints import architecture_fingerprint, sha256_file, split_gguf
 from asft_lightning.data import _load_table, _load_tokenizer, _samples, _text, encode_prompts, load_prompts
-from asft_lightning.direction import atomic_write_text
+from asft_lightning.fileio import atomic_write_text
+from asft_lightning.generation import MAX_NEW_TOKENS_LIMIT, generate
 from asft_lightning.metrics import HarmfulScore, KeywordJudge, TaskAccuracy, judge_kind, load_judge
 
 __all__ = ["MAX_NEW_TOKENS_LIMIT", "AdapterMismatchError", "check_adapter", "evaluate", "generate"]
@@ -42,7 +40,6 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-MAX_NEW_TOKENS_LIMIT = 4096
 MAX_DEFAULT_LABELS = 64
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -51,107 +48,6 @@ _PEFT_PREFIX = "base_model.model."
 
 class AdapterMismatchError(ValueError):
     """An adapter that does not fit the base model (made for another one). The message names both and the module."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    ids: list[int] = []
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (config_eos, tokenizer.eos_token_id):
-        if value is None:
-            continue
-        for i in [value] if isinstance(value, int) else list(value):
-            if i not in ids:
-                ids.append(int(i))
-    return ids
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str] | Sequence[Sequence[int]],
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    progress: bool = True,
-    desc: str = "generating",
-) -> list[str]:
-    """Batched greedy generation; returns the decoded completions only (prompt tokens stripped), in input order.
-
-    Prompts are sorted by length (stable, longest first) into batches to cut padding, left-padded with the pad
-    token (eos when the tokenizer has none) and decoded with the KV cache and ``do_sample=False``; generation stops
-    at any eos of the model's generation config or the tokenizer. The result depends only on the prompts and the
-    settings, so two runs give the same completions.
-
-    Args:
-        model: a Hugging Face causal LM (or a PEFT model around one).
-        tokenizer: its tokenizer.
-        prompts: rendered prompt texts (tokenised without special tokens) or lists of token ids.
-        batch_size: prompts per ``generate`` call.
-        max_new_tokens: most tokens generated per prompt.
-        progress: show a progress bar on stderr.
-        desc: the progress bar's label.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise ValueError(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
-
-    ids = [
-        tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else [int(t) for t in p]
-        for p in prompts
-    ]
-    for i, row in enumerate(ids):
-        if not row:
-            raise ValueError(f"prompt {i} is empty after tokenisation")
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token; cannot left-pad a batch")
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad,
-        eos_token_id=eos or None,
-    )
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    longest = max((len(r) for r in ids), default=0)
-    if limit and longest + max_new_tokens > limit:
-        warnings.warn(
-            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the model's "
-            f"max_position_embeddings={limit}",
-            stacklevel=2,
-        )
-    device = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[str | None] = [None] * len(ids)
-    with tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                input_ids[j, width - len(ids[i]) :] = torch.tensor(ids[i], dtype=torch.long)
-                attention_mask[j, width - len(ids[i]) :] = 1
-            result = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-            )
-            for j, i in enumerate(chunk):
-                text = tokenizer.decode(result[j, width:].tolist(), skip_special_tokens=True)
-                out[i] = text.strip()
-            bar.update(len(chunk))
-    return [o if o is not None else "" for o in out]
 
 
 # --------------------------------------------------------------------------------------------------------------

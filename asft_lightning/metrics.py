@@ -460,7 +460,7 @@ class CausalLMJudge:
 
     def __call__(self, prompts: Sequence[str], generations: Sequence[str]) -> list[bool]:
         _check_pairs(prompts, generations)
-        from asft_lightning.evaluate import generate  # local import: evaluate imports this module
+        from asft_lightning.generation import generate
 
         texts = [self.render(p, g) for p, g in zip(prompts, generations, strict=True)]
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -122,7 +122,7 @@ class SafetyMonitor(Callback):
       (``||(I - C) B A||_F^2``), plus ``monitor/drift_ratio`` (over all modules, as ``train/drift_ratio``),
       ``monitor/drift_max`` and ``monitor/penalty`` (sum); see :func:`lora_drift`;
     * every ``probe_every_n_steps`` steps, once before training (step 0) and at the last step, answers the first
-      ``probe_size`` prompts of ``probe_data`` by batched greedy generation (:func:`asft_lightning.evaluate.generate`,
+      ``probe_size`` prompts of ``probe_data`` by batched greedy generation (:func:`asft_lightning.generation.generate`,
       prompts rendered with the data module's tokenizer, template and system prompt as in training; the model in
       eval mode, each submodule's mode restored afterwards) and logs ``monitor/harmful_score``: the % of prompts
       whose answer the judge finds harmful;
@@ -193,7 +193,7 @@ class SafetyMonitor(Callback):
         plot_name: str = "safety_monitor.png",
     ) -> None:
         super().__init__()
-        from asft_lightning.evaluate import MAX_NEW_TOKENS_LIMIT
+        from asft_lightning.generation import MAX_NEW_TOKENS_LIMIT
 
         problems = []
         for name, value in (
@@ -419,7 +419,7 @@ class SafetyMonitor(Callback):
         """Run the HS probe now, log it, and append it to :attr:`hs_history` (every rank must call it)."""
         if self.probe_data is None:
             return None
-        from asft_lightning.evaluate import generate
+        from asft_lightning.generation import generate
 
         model = self._peft_model(pl_module)
         rank, world = trainer.global_rank, trainer.world_size
