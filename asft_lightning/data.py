@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from asft_lightning.errors import ArgumentError, DataError, InputNotFoundError
+
 __all__ = [
     "IGNORE_INDEX",
     "AsFTDataModule",
@@ -98,7 +100,7 @@ def render_prompt(tokenizer: Any, prompt: str, template: str | None = None, syst
     if template is not None:
         return template.format(prompt=prompt, system=system_prompt or "")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise ArgumentError(
             f"template=None asks for the tokenizer's chat template, but tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '')!r} has none: pass a format string such as "
             "template='### Instruction:\\n{prompt}\\n\\n### Response:\\n'"
@@ -110,7 +112,7 @@ def render_prompt(tokenizer: Any, prompt: str, template: str | None = None, syst
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as err:  # jinja2 TemplateError, e.g. a template that refuses the system role
         hint = " (does this chat template accept a system message? try system_prompt=None)" if system_prompt else ""
-        raise ValueError(f"the tokenizer's chat template failed on a prompt{hint}: {err}") from err
+        raise ArgumentError(f"the tokenizer's chat template failed on a prompt{hint}: {err}") from err
 
 
 def _bos_prefix(tokenizer: Any) -> list[int]:
@@ -149,10 +151,10 @@ def encode_example(
         response (and eos) positions and ``-100`` on prompt positions.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
+        raise ArgumentError(f"max_length must be >= 2 (one prompt and one response token), got {max_length}")
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token")
+        raise ArgumentError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos token")
     text = render_prompt(tokenizer, prompt, template, system_prompt)
     prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if template is not None:
@@ -239,18 +241,18 @@ def _load_table(source: str, argument: str, columns: Mapping[str, str | None], c
     if path.is_file():
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise ValueError(
+            raise DataError(
                 f"{argument}={source!r}: unsupported file type {path.suffix!r}; expected one of {sorted(_FORMATS)}"
             )
         if path.stat().st_size == 0 or not path.read_bytes()[:65536].strip():
-            raise ValueError(f"{argument}={source!r}: the file is empty; expected {fmt} rows")
+            raise DataError(f"{argument}={source!r}: the file is empty; expected {fmt} rows")
         what = f"{fmt} file"
         load = partial(datasets.load_dataset, fmt, data_files=str(path), split=split, cache_dir=cache_dir)
     elif path.is_dir():
         what = "data folder"
         load = partial(datasets.load_dataset, str(path), split=split, cache_dir=cache_dir)
     elif path.suffix.lower() in _FORMATS or source.startswith(("/", ".", "~")) or os.sep in source[:1]:
-        raise FileNotFoundError(f"{argument}={source!r}: file not found ({path.absolute()})")
+        raise InputNotFoundError(f"{argument}={source!r}: file not found ({path.absolute()})")
     else:
         name, _, hub_split = source.partition(":")
         split = hub_split or split
@@ -261,22 +263,22 @@ def _load_table(source: str, argument: str, columns: Mapping[str, str | None], c
     except Exception as err:
         message = _innermost_message(err)
         if "corresponds to no data" in message:
-            raise ValueError(f"{argument}={source!r}: the {what} has no rows (split {split!r})") from err
+            raise DataError(f"{argument}={source!r}: the {what} has no rows (split {split!r})") from err
         if what == "hub dataset":
-            raise ValueError(
+            raise DataError(
                 f"{argument}={source!r} is not a local file and could not be loaded as a hub dataset "
                 f"(split {split!r}; you may need access or a network): {message}"
             ) from err
-        raise ValueError(f"{argument}={source!r}: could not parse the {what}: {message}") from err
+        raise DataError(f"{argument}={source!r}: could not parse the {what}: {message}") from err
     if isinstance(table, datasets.DatasetDict):  # defensive: a split was given, so this should not happen
-        raise ValueError(f"{argument}={source!r}: expected one split, got {list(table)}")
+        raise DataError(f"{argument}={source!r}: expected one split, got {list(table)}")
     if len(table) == 0:
-        raise ValueError(f"{argument}={source!r}: the {what} has no rows")
+        raise DataError(f"{argument}={source!r}: the {what} has no rows")
     present = list(table.column_names)
     for column_argument, column in columns.items():
         if column is not None and column not in present:
             hint = f" (or {column_argument}=None if the data has no such column)" if column_argument.endswith("input_column") else ""
-            raise ValueError(
+            raise DataError(
                 f"{argument}={source!r}: column {column!r} (set by {column_argument}) not found{hint}; "
                 f"columns present: {present}"
             )
@@ -308,7 +310,7 @@ def _samples(
         for role in ("prompt", "response"):
             texts[role] = _text(values[role][j])
             if texts[role] is None:
-                raise ValueError(
+                raise DataError(
                     f"{argument}={source!r}: row {row} has no value in column {columns[role]!r} (expected a string)"
                 )
         prompt = texts["prompt"]
@@ -326,15 +328,15 @@ def _load_tokenizer(tokenizer: str, gguf_file: str | None) -> Any:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     path = Path(tokenizer).expanduser()
     if not path.exists() and tokenizer.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"tokenizer={tokenizer!r}: no such directory ({path.absolute()})")
+        raise InputNotFoundError(f"tokenizer={tokenizer!r}: no such directory ({path.absolute()})")
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer, **kwargs)
     except Exception as err:
-        raise ValueError(
+        raise ArgumentError(
             f"tokenizer={tokenizer!r}" + (f" gguf_file={gguf_file!r}" if gguf_file else "") + f": could not load: {err}"
         ) from err
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer={tokenizer!r} has no eos token; the response must end with one")
+        raise ArgumentError(f"tokenizer={tokenizer!r} has no eos token; the response must end with one")
     return tok
 
 
@@ -464,7 +466,7 @@ class AsFTDataModule(L.LightningDataModule):
                         f"(double other braces), got {template!r}: {type(err).__name__}: {err}"
                     )
         if problems:
-            raise ValueError("invalid AsFTDataModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ArgumentError("invalid AsFTDataModule arguments: " + "; ".join(problems))
         self.save_hyperparameters()
         self.tokenizer_path = tokenizer
         self.task_data = task_data
@@ -525,19 +527,19 @@ class AsFTDataModule(L.LightningDataModule):
         n_task, n_harmful = self.sample_counts(len(task))
         n_harm_rows = len(harmful) if harmful is not None else 0
         if n_task > len(task) or n_harmful > n_harm_rows:
-            raise ValueError(
+            raise DataError(
                 f"n={self.n} with harmful_ratio={self.harmful_ratio} needs {n_task} task rows and {n_harmful} "
                 f"harmful rows, but task_data={self.task_data!r} has {len(task)} rows and "
                 f"harmful_data={self.harmful_data!r} has {n_harm_rows} rows"
             )
         if n_task + self.val_size > len(task) or n_task < 0:
             left = len(task) - max(n_task, 0)
-            raise ValueError(
+            raise DataError(
                 f"val_size={self.val_size} is larger than the {left} task rows left after drawing n_task="
                 f"{max(n_task, 0)} training rows from task_data={self.task_data!r} ({len(task)} rows)"
             )
         if n_task + n_harmful == 0:
-            raise ValueError(f"no training samples: task_data={self.task_data!r} has {len(task)} rows, val_size={self.val_size}")
+            raise DataError(f"no training samples: task_data={self.task_data!r} has {len(task)} rows, val_size={self.val_size}")
         return task, harmful, test
 
     # ---------------------------------------------------------------- Lightning hooks
@@ -687,7 +689,7 @@ def load_prompts(
     for row, value in enumerate(table.select(range(n))[prompt_column]):
         text = _text(value)
         if text is None or not text.strip():
-            raise ValueError(
+            raise DataError(
                 f"{argument}={source!r}: row {row} has no text in column {prompt_column!r} (expected a string)"
             )
         out.append(text)
