@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from asft_lightning.direction import ModuleDirection
+from asft_lightning.direction import DirectionError, ModuleDirection
 from asft_lightning.regularizers import sign_aware_penalty, update_energy
 
 PenaltyFn = Callable[[ModuleDirection, Tensor, Tensor], Tensor]
@@ -118,7 +118,7 @@ class LoraAnchor:
         self.penalty_fn = penalty_fn
         self.sign_weight = float(sign_weight)
         if self.sign_weight and any(md.direction is None for md in directions.values()):
-            raise ValueError("sign_weight > 0 needs the full direction V in the direction file (projector safelora "
+            raise DirectionError("sign_weight > 0 needs the full direction V in the direction file (projector safelora "
                              "without rank/energy); this file keeps only a low-rank basis")
         self.direction_dtype = direction_dtype
         self._placed: dict[str, ModuleDirection] = {}

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from asft_lightning.errors import AsftError
 from asft_lightning.fileio import sha256_file  # noqa: F401 (its old home)
 
 #: config.json fields that must agree between two checkpoints for their weights to be comparable.
@@ -32,7 +33,7 @@ ARCHITECTURE_FIELDS = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AsftError, ValueError):
     """A checkpoint is missing, corrupt, or not what was expected. The message names the file."""
 
 

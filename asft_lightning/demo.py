@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from asft_lightning.errors import ArgumentError, AsftError
+
 __all__ = ["SETTINGS", "WorldError", "bare_flags", "demo", "load_world"]
 
 REAL_WORLD = ".cache/asft-world"
@@ -85,7 +87,7 @@ def bare_flags(argv: list[str]) -> list[str]:
     return out
 
 
-class WorldError(FileNotFoundError):
+class WorldError(AsftError, FileNotFoundError):
     """``world`` is not a built world (no ``world.json``, no ``paths`` in it, or a file it names is missing)."""
 
 
@@ -471,7 +473,7 @@ def demo(
     elif projector == "subspace" and sign_weight > 0:
         problems.append("sign_weight > 0 needs the full direction V: use projector='safelora'")
     if problems:
-        raise ValueError("demo: " + "; ".join(problems))
+        raise ArgumentError("demo: " + "; ".join(problems))
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -29,13 +29,14 @@ from torch import Tensor
 
 from asft_lightning import regularizers as R
 from asft_lightning.checkpoints import CheckpointError, CheckpointReader, architecture_fingerprint
+from asft_lightning.errors import AsftError
 from asft_lightning.fileio import atomic_write_bytes, atomic_write_file, atomic_write_text  # noqa: F401 (the writers' old home)
 
 FORMAT_VERSION = 1
 Projector = Literal["safelora", "subspace"]
 
 
-class DirectionError(ValueError):
+class DirectionError(AsftError, ValueError):
     """A direction file is missing, corrupt, or does not fit the model. The message names the file."""
 
 

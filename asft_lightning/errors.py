@@ -15,7 +15,7 @@ code that catches those keeps working. The errors of one subject live beside it 
 
 from __future__ import annotations
 
-__all__ = ["AsftError", "ArgumentError", "DataError", "InputNotFoundError", "OutputExistsError"]
+__all__ = ["AsftError", "ArgumentError", "DataError", "InputNotFoundError", "OutputExistsError", "SetupError"]
 
 
 class AsftError(Exception):
@@ -36,3 +36,7 @@ class InputNotFoundError(AsftError, FileNotFoundError):
 
 class OutputExistsError(AsftError, FileExistsError):
     """The output would replace something that is there already (and overwriting was not asked for)."""
+
+
+class SetupError(AsftError, TypeError):
+    """Pieces that do not work together, e.g. a callback on a LightningModule without a PEFT model."""

@@ -19,10 +19,21 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from asft_lightning.anchor import LoraAnchor, lora_layers, lora_shapes
-from asft_lightning.checkpoints import architecture_fingerprint, load_model_config, split_gguf
+from asft_lightning.checkpoints import (
+    CheckpointError,
+    architecture_fingerprint,
+    load_model_config,
+    split_gguf,
+)
 from asft_lightning.direction import DirectionSet, load_direction
+from asft_lightning.errors import ArgumentError, AsftError
 from asft_lightning.fileio import atomic_replace_dir
 from asft_lightning.strategies import gathered, hf_zero3_init, outside_zero_init, zero_stage
+
+
+class NonFiniteLossError(AsftError, FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step, epoch and batch."""
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -118,7 +129,7 @@ class AsFTModule(L.LightningModule):
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             problems.append(f"adapter {adapter}: no adapter_config.json; expected a PEFT adapter directory")
         if problems:
-            raise ValueError("AsFTModule: " + "; ".join(problems))
+            raise ArgumentError("AsFTModule: " + "; ".join(problems))
         self.model_path, self.gguf_file = split_gguf(model, gguf_file)
         self.lam = float(lam)
         self.target_modules = list(target_modules) if not isinstance(target_modules, str) else target_modules
@@ -132,7 +143,7 @@ class AsFTModule(L.LightningModule):
                 fingerprint = architecture_fingerprint(load_model_config(self.model_path, self.gguf_file))
                 self.directions.check_model(fingerprint, model)
             if sign_weight > 0 and any(md.direction is None for md in self.directions.modules.values()):
-                raise ValueError(
+                raise ArgumentError(
                     f"{direction}: sign_weight > 0 needs the full direction V, but this file keeps only a low-rank "
                     "basis; extract it with projector: safelora and no rank/energy"
                 )
@@ -177,10 +188,10 @@ class AsFTModule(L.LightningModule):
                 try:
                     peft_model = get_peft_model(base, config)
                 except ValueError as err:
-                    raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r}: {err}") from err
+                    raise ArgumentError(f"{self.model_path}: target_modules {self.target_modules!r}: {err}") from err
         layers = lora_layers(peft_model)
         if not layers:
-            raise ValueError(f"{self.model_path}: target_modules {self.target_modules!r} matched no module")
+            raise ArgumentError(f"{self.model_path}: target_modules {self.target_modules!r} matched no module")
         peft_model.train()  # from_pretrained returns eval mode; LoRA dropout must be active in fit
         self.model = peft_model
         if self.directions is not None:
@@ -242,7 +253,7 @@ class AsFTModule(L.LightningModule):
         finite = bool(torch.isfinite(loss.detach()).item())
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             detail = ", ".join(f"{k}={float(v):.6g}" for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1)
-            raise FloatingPointError(
+            raise NonFiniteLossError(
                 f"non-finite loss at global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}) "
                 f"on at least one rank: {detail}; lower the learning rate or lam, or check the data"
             )
@@ -272,7 +283,7 @@ class AsFTModule(L.LightningModule):
             return
         missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
         if missing:
-            raise KeyError(
+            raise CheckpointError(
                 f"checkpoint lacks {len(missing)} LoRA weight(s) of this model, e.g. {missing[:3]}: "
                 "was it written for another model or target_modules?"
             )

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from asft_lightning import curvature as cv
+from asft_lightning.errors import ArgumentError, DataError
 
 Batch = dict[str, Tensor]
 AllReduce = Callable[[Tensor], Tensor]
@@ -108,7 +109,7 @@ class RestorationConfig:
         if self.top_modules is not None and self.top_modules < 1:
             problems.append(f"top_modules must be >= 1 or None, got {self.top_modules}")
         if problems:
-            raise ValueError("invalid restoration settings: " + "; ".join(problems))
+            raise ArgumentError("invalid restoration settings: " + "; ".join(problems))
 
 
 @dataclass
@@ -214,7 +215,7 @@ def reference_harmful_loss(model: nn.Module, harmful: Sequence[Batch], reference
         if reference is not None:
             return float(mean_loss(reference, harmful))
         if not hasattr(model, "disable_adapter"):
-            raise ValueError("reference_harmful_loss: the model is not a PEFT model; pass the aligned reference model")
+            raise ArgumentError("reference_harmful_loss: the model is not a PEFT model; pass the aligned reference model")
         with model.disable_adapter():
             return float(mean_loss(model, harmful))
 
@@ -248,18 +249,18 @@ def restore(
     """
     cfg = config or RestorationConfig()
     if not harmful:
-        raise ValueError("restore: no harmful batches (harmful data is empty)")
+        raise DataError("restore: no harmful batches (harmful data is empty)")
     if not retain:
-        raise ValueError("restore: no retain batches (retain data is empty)")
+        raise DataError("restore: no retain batches (retain data is empty)")
     if cfg.refusal_weight > 0 and not refusal:
-        raise ValueError(f"restore: refusal_weight={cfg.refusal_weight} > 0 needs refusal batches")
+        raise ArgumentError(f"restore: refusal_weight={cfg.refusal_weight} > 0 needs refusal batches")
     reduce = all_reduce or (lambda t: t)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
-        raise ValueError("restore: the model has no trainable (LoRA) parameters; load the adapter with is_trainable=True")
+        raise ArgumentError("restore: the model has no trainable (LoRA) parameters; load the adapter with is_trainable=True")
     attention = cv.second_order_attention(model) if cfg.hvp_method != "finite_difference" else nullcontext()
     try:
         with attention:

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from asft_lightning import regularizers as R
 from asft_lightning.direction import DirectionSet, ModuleDirection, load_direction
+from asft_lightning.errors import AsftError
 from asft_lightning.fileio import atomic_replace_dir, sha256_file
 
 __all__ = [
@@ -63,7 +64,7 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-class SafeLoRAError(ValueError):
+class SafeLoRAError(AsftError, ValueError):
     """An adapter or a setting that Safe LoRA cannot work with. The message names the file, module or tensor."""
 
 

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from asft_lightning.errors import ArgumentError
+
 __all__ = ["lora_factor_layers", "standalone_lora"]
 
 
@@ -45,12 +47,12 @@ def lora_factor_layers(model: nn.Module) -> dict[str, tuple[nn.ModuleDict, str, 
     covered = {f"{name}.{pname}" for name, (_, _, layer) in layers.items() for pname, _ in layer.named_parameters()}
     others = [n for n, p in model.named_parameters() if p.requires_grad and n not in covered]
     if others:
-        raise ValueError(
+        raise ArgumentError(
             f"standalone_lora: trainable parameters outside LoRA linear factors are not supported under DeepSpeed: "
             f"{others[:3]}{' ...' if len(others) > 3 else ''} (DoRA, embedding LoRA and modules_to_save are not)"
         )
     if not layers:
-        raise ValueError("standalone_lora: the model has no trainable PEFT lora_A / lora_B linear layer")
+        raise ArgumentError("standalone_lora: the model has no trainable PEFT lora_A / lora_B linear layer")
     return layers
 
 

@@ -28,7 +28,9 @@ from torch import nn
 
 from asft_lightning.anchor import lora_layers, lora_shapes
 from asft_lightning.callbacks._peft import peft_model_of
+from asft_lightning.checkpoints import CheckpointError
 from asft_lightning.direction import DirectionError, ModuleDirection
+from asft_lightning.errors import ArgumentError, DataError, SetupError
 from asft_lightning.fileio import atomic_write_bytes, atomic_write_text
 from asft_lightning.regularizers import update_energy
 
@@ -220,7 +222,7 @@ class SafetyMonitor(Callback):
         if direction is not None and not Path(direction).expanduser().is_file():
             problems.append(f"direction {direction}: direction file not found; expected a file from `asft direction`")
         if problems:
-            raise ValueError("SafetyMonitor: " + "; ".join(problems))
+            raise ArgumentError("SafetyMonitor: " + "; ".join(problems))
         from asft_lightning.metrics import judge_kind
 
         judge_kind(judge)  # a bad judge path fails here (JudgeError names it), before any training
@@ -266,7 +268,7 @@ class SafetyMonitor(Callback):
         self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self._resolve_direction(pl_module)
         if self._directions is None and self.probe_data is None:
-            raise ValueError(
+            raise ArgumentError(
                 "SafetyMonitor: nothing to monitor: no direction (give `direction`, or use a LightningModule with a "
                 f"loaded direction; {type(pl_module).__name__} has none) and no probe_data"
             )
@@ -278,7 +280,7 @@ class SafetyMonitor(Callback):
             from asft_lightning.strategies import zero_stage
 
             if zero_stage(trainer.strategy) == 3:
-                raise ValueError(
+                raise ArgumentError(
                     "SafetyMonitor: the HS probe (probe_data) does not run under DeepSpeed ZeRO-3 (greedy generation "
                     "over partitioned weights would need every rank in lockstep); set probe_data: null to monitor the "
                     "drift only, and run `asft evaluate` on the adapter after training"
@@ -314,7 +316,7 @@ class SafetyMonitor(Callback):
         model = self._peft_model(pl_module)
         layers = lora_layers(model)
         if not layers:
-            raise TypeError(f"SafetyMonitor: {type(pl_module).__name__}.model has no LoRA layer to monitor")
+            raise SetupError(f"SafetyMonitor: {type(pl_module).__name__}.model has no LoRA layer to monitor")
         if self._directions is not None:
             shapes = lora_shapes(layers)
             for name, md in self._directions.items():
@@ -350,7 +352,7 @@ class SafetyMonitor(Callback):
         self._prompt_ids = encode_prompts(tokenizer, self._prompts, template, system_prompt)
         for row, ids in enumerate(self._prompt_ids):
             if not ids:
-                raise ValueError(f"probe_data={self.probe_data!r}: row {row} is empty after tokenisation")
+                raise DataError(f"probe_data={self.probe_data!r}: row {row} is empty after tokenisation")
         self._judge = load_judge(
             self.judge_spec, case_sensitive=self.case_sensitive, batch_size=self.batch_size,
             device=trainer.strategy.root_device,
@@ -369,7 +371,7 @@ class SafetyMonitor(Callback):
             from asft_lightning.data import _load_tokenizer
 
             return _load_tokenizer(pl_module.model_path, getattr(pl_module, "gguf_file", None)), None, None
-        raise TypeError(
+        raise SetupError(
             "SafetyMonitor: the HS probe needs a tokenizer: fit with an AsFTDataModule (or a data module with "
             f"load_tokenizer()), or give {type(pl_module).__name__} a `tokenizer` attribute"
         )
@@ -609,7 +611,7 @@ class SafetyMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise CheckpointError(
                 f"SafetyMonitor: checkpoint state has format_version {version!r}, expected {FORMAT_VERSION}"
             )
         self.drift_history = list(state_dict.get("drift", []))

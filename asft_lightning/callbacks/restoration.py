@@ -14,6 +14,7 @@ from torch import nn
 
 from asft_lightning.callbacks._peft import peft_model_of
 from asft_lightning.curvature import HVPMethod
+from asft_lightning.errors import ArgumentError, DataError, SetupError
 from asft_lightning.restoration import RestorationConfig, RestorationResult, restore
 
 
@@ -109,7 +110,7 @@ class CurvatureRestoration(Callback):
         if refusal_weight > 0 and refusal_data is None:
             problems.append(f"refusal_weight={refusal_weight} > 0 needs refusal_data")
         if problems:
-            raise ValueError("CurvatureRestoration: " + "; ".join(problems))
+            raise ArgumentError("CurvatureRestoration: " + "; ".join(problems))
         try:
             self.config = RestorationConfig(
                 method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
@@ -118,7 +119,7 @@ class CurvatureRestoration(Callback):
                 hvp_method=hvp_method,
             )
         except ValueError as err:
-            raise ValueError(f"CurvatureRestoration: {err}") from err
+            raise ArgumentError(f"CurvatureRestoration: {err}") from err
         self.harmful_data = harmful_data
         self.retain_data = retain_data
         self.refusal_data = refusal_data
@@ -141,7 +142,7 @@ class CurvatureRestoration(Callback):
 
         if zero_stage(trainer.strategy) == 3:
             if self.config.hvp_method in ("double_backward", "forward_over_reverse"):
-                raise ValueError(
+                raise ArgumentError(
                     f"CurvatureRestoration: hvp_method={self.config.hvp_method!r} is not supported under DeepSpeed ZeRO "
                     "stage 3 (the base layers' gather/release hooks give no second derivatives); use "
                     "hvp_method='finite_difference' or 'auto' (which picks it)"
@@ -180,7 +181,7 @@ class CurvatureRestoration(Callback):
         """Raise unless ``rows`` rows in batches of ``batch_size`` divide evenly over ``world`` processes."""
         batches = -(-rows // self.batch_size)
         if world > 1 and batches % world:
-            raise ValueError(
+            raise ArgumentError(
                 f"CurvatureRestoration: {what} gives {rows} row(s) (num_harmful={self.num_harmful}, "
                 f"num_retain={self.num_retain} cap the harmful / retain rows), {batches} batch(es) of "
                 f"batch_size={self.batch_size}, which do not divide over {world} processes; choose the counts and "
@@ -195,14 +196,14 @@ class CurvatureRestoration(Callback):
 
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "load_tokenizer"):
-            raise TypeError("CurvatureRestoration needs an AsFTDataModule (for the tokenizer and prompt template)")
+            raise SetupError("CurvatureRestoration needs an AsFTDataModule (for the tokenizer and prompt template)")
         tok = dm.load_tokenizer()
         world, rank = trainer.world_size, trainer.global_rank
         retain = self._samples["retain"]
         if retain is None:
             retain = self._retain_from_training(dm)
             if not retain:
-                raise ValueError("CurvatureRestoration: the training set has no task rows; give retain_data")
+                raise DataError("CurvatureRestoration: the training set has no task rows; give retain_data")
             # setup checked the files' rows; these it could only check if the data module had its samples then
             self._check_split("the training set's task rows", len(retain), world)
 
