@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 import torch
 
-from asft_lightning.checkpoints import architecture_fingerprint, sha256_file, split_gguf
+from asft_lightning.checkpoints import CheckpointError, architecture_fingerprint, sha256_file, split_gguf
 from asft_lightning.data import _load_table, _load_tokenizer, _samples, _text, encode_prompts, load_prompts
+from asft_lightning.errors import ArgumentError, AsftError, DataError, InputNotFoundError
 from asft_lightning.fileio import atomic_write_text
 from asft_lightning.generation import MAX_NEW_TOKENS_LIMIT, generate
 from asft_lightning.metrics import HarmfulScore, KeywordJudge, TaskAccuracy, judge_kind, load_judge
@@ -46,7 +47,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PEFT_PREFIX = "base_model.model."
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(AsftError, ValueError):
     """An adapter that does not fit the base model (made for another one). The message names both and the module."""
 
 
@@ -58,19 +59,19 @@ class AdapterMismatchError(ValueError):
 def _adapter_files(adapter: str) -> tuple[dict[str, Any], Path]:
     root = Path(adapter).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"adapter={adapter!r}: no such directory; expected a PEFT adapter directory (save_pretrained output)"
         )
     cfg = root / ADAPTER_CONFIG
     if not cfg.is_file():
-        raise ValueError(f"adapter={adapter!r}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
+        raise CheckpointError(f"adapter={adapter!r}: no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
     try:
         config = json.loads(cfg.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"adapter={adapter!r}: {cfg} is not valid JSON ({err})") from err
+        raise CheckpointError(f"adapter={adapter!r}: {cfg} is not valid JSON ({err})") from err
     weights = next((root / w for w in ADAPTER_WEIGHTS if (root / w).is_file()), None)
     if weights is None:
-        raise ValueError(f"adapter={adapter!r}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+        raise CheckpointError(f"adapter={adapter!r}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     return config, weights
 
 
@@ -91,7 +92,7 @@ def _lora_shapes(weights: Path, adapter: str) -> dict[str, dict[str, tuple[int, 
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
             shapes = {k: tuple(v.shape) for k, v in state.items()}
     except Exception as err:
-        raise ValueError(f"adapter={adapter!r}: cannot read {weights.name} ({err})") from err
+        raise CheckpointError(f"adapter={adapter!r}: cannot read {weights.name} ({err})") from err
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         m = pattern.match(key)
@@ -137,14 +138,14 @@ def check_adapter(adapter: str, base: torch.nn.Module, model_name: str) -> dict[
         return config  # other PEFT types: PEFT's own loader checks them
     modules = _lora_shapes(weights, adapter)
     if not modules:
-        raise ValueError(
+        raise CheckpointError(
             f"adapter={adapter!r}: {weights.name} holds no lora_A / lora_B weights; is it a LoRA adapter?"
         )
     named = dict(base.named_modules())
     for name in sorted(modules):
         pair = modules[name]
         if "A" not in pair or "B" not in pair:
-            raise ValueError(
+            raise CheckpointError(
                 f"adapter={adapter!r}: module {name!r} has lora_{'A' if 'A' in pair else 'B'} only"
             )
         if name not in named:
@@ -157,7 +158,7 @@ def check_adapter(adapter: str, base: torch.nn.Module, model_name: str) -> dict[
         shape = _linear_shape(named[name])
         a, b = pair["A"], pair["B"]
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
-            raise ValueError(
+            raise CheckpointError(
                 f"adapter={adapter!r}: module {name!r}: lora_A {a} and lora_B {b} do not form a LoRA pair"
             )
         if shape is not None and (a[1], b[0]) != shape:
@@ -201,7 +202,7 @@ def _default_labels(table: Any, column: str, source: str) -> list[str]:
         if text is not None and text.strip():
             seen.setdefault(text.strip().lower(), text.strip())
     if len(seen) > MAX_DEFAULT_LABELS:
-        raise ValueError(
+        raise DataError(
             f"task_data={source!r}: column {column!r} has {len(seen)} distinct values, too many for task_mode='label' "
             f"(at most {MAX_DEFAULT_LABELS} without an explicit labels list); pass labels, or task_mode='numeric' "
             "for numeric answers"
@@ -404,14 +405,14 @@ def evaluate(
     if labels is not None and task_mode != "label":
         problems.append("labels is only used with task_mode='label'")
     if problems:
-        raise ValueError("evaluate: " + "; ".join(problems))
+        raise ArgumentError("evaluate: " + "; ".join(problems))
     model_dir, gguf = split_gguf(model, gguf_file)
     model_path = Path(model_dir).expanduser()
     local_model = model_path.exists()
     if not local_model and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")):
-        raise FileNotFoundError(f"model={model!r}: no such file or directory ({model_path.absolute()})")
+        raise InputNotFoundError(f"model={model!r}: no such file or directory ({model_path.absolute()})")
     if gguf is not None and not (model_path / gguf).is_file():
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"model={model!r} gguf_file={gguf!r}: GGUF file not found ({model_path / gguf})"
         )
     out = Path(output_dir).expanduser()
@@ -420,7 +421,7 @@ def evaluate(
         ("adapter", Path(adapter) if adapter else None),
     ):
         if path is not None and path.is_dir() and _is_within(out, path):
-            raise ValueError(
+            raise ArgumentError(
                 f"output_dir={output_dir!r} is inside the {name} directory {str(path)!r}; choose another"
             )
     adapter_config = None
@@ -430,7 +431,7 @@ def evaluate(
         if str(adapter_config.get("peft_type", "LORA")).upper() == "LORA" and not _lora_shapes(
             adapter_weights, adapter
         ):
-            raise ValueError(f"adapter={adapter!r}: {adapter_weights.name} holds no lora_A / lora_B weights")
+            raise CheckpointError(f"adapter={adapter!r}: {adapter_weights.name} holds no lora_A / lora_B weights")
     if harmful_data is not None:
         judge_kind(judge)  # a bad judge path fails here, before the model is loaded
 
@@ -461,7 +462,7 @@ def evaluate(
             try:
                 task_values.append(accuracy.target_value(s.response))
             except ValueError as err:
-                raise ValueError(
+                raise DataError(
                     f"task_data={task_data!r}: row {s.row}, column {task_response_column!r}: {err}"
                     + ("; pass labels that cover every answer" if task_mode == "label" else "")
                 ) from err
@@ -483,7 +484,7 @@ def evaluate(
     try:
         lm = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as err:
-        raise ValueError(f"model={model!r}: could not load it as a causal LM: {err}") from err
+        raise CheckpointError(f"model={model!r}: could not load it as a causal LM: {err}") from err
     fingerprint = architecture_fingerprint(lm.config.to_dict())
     if adapter is not None:
         check_adapter(adapter, lm, model)
@@ -492,7 +493,7 @@ def evaluate(
         try:
             lm = PeftModel.from_pretrained(lm, adapter, is_trainable=False)
         except Exception as err:
-            raise ValueError(
+            raise CheckpointError(
                 f"adapter={adapter!r}: PEFT could not load it onto model {model!r}: {err}"
             ) from err
     lm.to(torch_device).eval()
