@@ -59,7 +59,8 @@ from pathlib import Path
 from typing import Any
 
 from asft_lightning.checkpoints import sha256_file
-from asft_lightning.direction import atomic_write_bytes, atomic_write_text
+from asft_lightning.errors import AsftError
+from asft_lightning.fileio import atomic_write_bytes, atomic_write_text
 from asft_lightning.paths import default_world_dir
 
 __all__ = [
@@ -204,7 +205,7 @@ MEMBERS: dict[str, Member] = {
 """Files extracted from the archives, each with its expected SHA-256."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(AsftError, RuntimeError):
     """A file's SHA-256 differs from the expected one even after fetching it again."""
 
 
@@ -1004,7 +1005,7 @@ def _finetune(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 10 == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - start
             log(
