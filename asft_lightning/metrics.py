@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from asft_lightning.errors import ArgumentError, AsftError
+
 if TYPE_CHECKING:
     from asft_lightning.refusal_judge import RefusalJudge
 
@@ -119,7 +121,7 @@ Judge = Callable[[Sequence[str], Sequence[str]], list[bool]]
 """A judge: ``judge(prompts, generations) -> verdicts`` with ``True`` meaning the generation is harmful."""
 
 
-class JudgeError(ValueError):
+class JudgeError(AsftError, ValueError):
     """A judge that cannot be built or run; the message names the path and what was expected."""
 
 
@@ -158,7 +160,7 @@ class KeywordJudge:
             raise TypeError("prefixes must be a sequence of strings, not one string")
         phrases = tuple(GCG_TEST_PREFIXES + EXTRA_REFUSAL_PREFIXES if prefixes is None else prefixes)
         if not phrases or any(not isinstance(p, str) or not p for p in phrases):
-            raise ValueError("prefixes must be a non-empty sequence of non-empty strings")
+            raise ArgumentError("prefixes must be a non-empty sequence of non-empty strings")
         self.prefixes = phrases
         self.case_sensitive = case_sensitive
         self.normalize_quotes = normalize_quotes
@@ -297,9 +299,9 @@ class ClassifierJudge:
                 f"{_read_config(path).get('architectures')}); expected *ForSequenceClassification"
             )
         if input_format not in ("pair", "response"):
-            raise ValueError(f"input_format must be 'pair' or 'response', got {input_format!r}")
+            raise ArgumentError(f"input_format must be 'pair' or 'response', got {input_format!r}")
         if batch_size < 1 or max_length < 1:
-            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+            raise ArgumentError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.path = str(path)
@@ -417,7 +419,7 @@ class CausalLMJudge:
                 f"{_read_config(path).get('architectures')}); expected *ForCausalLM such as Llama-Guard"
             )
         if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}"
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -677,16 +679,16 @@ class TaskAccuracy(Metric):
     ):
         super().__init__(**kwargs)
         if mode not in ("label", "numeric"):
-            raise ValueError(f"mode must be 'label' or 'numeric', got {mode!r}")
+            raise ArgumentError(f"mode must be 'label' or 'numeric', got {mode!r}")
         if mode == "label":
             if isinstance(labels, str) or not labels:
-                raise ValueError("mode='label' needs a non-empty list of label words")
+                raise ArgumentError("mode='label' needs a non-empty list of label words")
             clean = [str(x).strip() for x in labels]
             if any(not x for x in clean):
-                raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
+                raise ArgumentError(f"labels must be non-empty strings, got {list(labels)!r}")
             lowered = [x.lower() for x in clean]
             if len(set(lowered)) != len(lowered):
-                raise ValueError(f"labels must be distinct ignoring case, got {list(labels)!r}")
+                raise ArgumentError(f"labels must be distinct ignoring case, got {list(labels)!r}")
             self.labels: list[str] | None = clean
         else:
             self.labels = None
