@@ -17,13 +17,20 @@ import torch
 
 from asft_lightning.errors import ArgumentError, DataError
 
-__all__ = ["MAX_NEW_TOKENS_LIMIT", "generate"]
+__all__ = ["END_OF_TURN_TOKENS", "MAX_NEW_TOKENS_LIMIT", "generate", "stop_token_ids"]
 
 MAX_NEW_TOKENS_LIMIT = 4096
 """Most new tokens a prompt may ask for."""
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+"""End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi): generation also stops at those the
+tokenizer knows, even when its ``eos_token`` is another one."""
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The token ids that end a sequence in :func:`generate`: the eos ids of the model's generation config and of the
+    tokenizer, then the :data:`END_OF_TURN_TOKENS` that are single tokens of the tokenizer's vocabulary."""
     ids: list[int] = []
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (config_eos, tokenizer.eos_token_id):
@@ -32,6 +39,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
         for i in [value] if isinstance(value, int) else list(value):
             if i not in ids:
                 ids.append(int(i))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for token in END_OF_TURN_TOKENS:
+        i = vocab.get(token)
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
     return ids
 
 
@@ -48,8 +60,9 @@ def generate(
     """Batched greedy generation; returns the decoded completions only (prompt tokens stripped), in input order.
 
     Prompts are sorted by length (stable, longest first) into batches to cut padding, left-padded with the pad
-    token (eos when the tokenizer has none) and decoded with the KV cache and ``do_sample=False``; generation stops
-    at any eos of the model's generation config or the tokenizer. The result depends only on the prompts and the
+    token (eos when the tokenizer has none) and decoded with the KV cache and ``do_sample=False``; a sequence stops
+    at any id of :func:`stop_token_ids` (eos of the model's generation config or the tokenizer, end-of-turn tokens),
+    and a batch as soon as all its sequences have stopped. The result depends only on the prompts and the
     settings, so two runs give the same completions.
 
     Args:
@@ -75,7 +88,7 @@ def generate(
     for i, row in enumerate(ids):
         if not row:
             raise DataError(f"prompt {i} is empty after tokenisation")
-    eos = _eos_ids(model, tokenizer)
+    eos = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     if pad is None:
         raise ArgumentError("the tokenizer has neither a pad nor an eos token; cannot left-pad a batch")
