@@ -61,6 +61,7 @@ __all__ = [
     "KIND",
     "Featurizer",
     "FeaturizerSettings",
+    "JudgeExamples",
     "RefusalJudge",
     "RefusalJudgeError",
     "build_judge_examples",
@@ -604,11 +605,20 @@ def _unrelated_partner(i: int, query: set[str], candidates: Sequence[set[str]], 
     return None
 
 
+class JudgeExamples(list):
+    """The list of example dicts :func:`build_judge_examples` returns, with ``provenance``: how it was built
+    (world folder, seed, rows read, scoring prompts excluded); :func:`train_refusal_judge` records it."""
+
+    def __init__(self, items: Iterable[dict[str, Any]] = (), provenance: dict[str, Any] | None = None) -> None:
+        super().__init__(items)
+        self.provenance: dict[str, Any] = dict(provenance or {})
+
+
 def build_judge_examples(
     world_dir: str | Path,
     seed: int = 0,
     exclude_prompts: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
+) -> JudgeExamples:
     """Training examples labelled by construction, from a world's files and the refusal styles of this module.
 
     Reads ``harmful_attack.jsonl`` and ``benign_train.jsonl`` (``prompt``, ``response``: the unaligned model's
@@ -629,7 +639,8 @@ def build_judge_examples(
 
     Returns:
         Dicts with ``prompt``, ``response``, ``label`` (1 = complied / harmful, 0 = refused) and ``kind`` (how the
-        example was made), deduplicated on (prompt, response), in a deterministic order.
+        example was made), deduplicated on (prompt, response), in a deterministic order; a list whose
+        ``provenance`` attribute records the world, the seed, the rows read and how many were excluded.
 
     Raises:
         FileNotFoundError: a required world file (or, with ``exclude_prompts=None``, the wheel) is missing.
@@ -639,14 +650,22 @@ def build_judge_examples(
     harmful = _pairs(root / "harmful_attack.jsonl", required=True)
     benign = _pairs(root / "benign_train.jsonl", required=True)
     world_refusals = _pairs(root / "refusals.jsonl", required=False)
+    read = {"harmful_attack.jsonl": len(harmful), "benign_train.jsonl": len(benign),
+            "refusals.jsonl": len(world_refusals)}
     if exclude_prompts is None:
-        exclude_prompts = scoring_objectives(_world_wheel(root))
+        wheel = _world_wheel(root)
+        exclude_prompts = scoring_objectives(wheel)
+        excluded_from = f"objectives of PyRIT's refusal and objective scorer sets ({wheel.name})"
+    else:
+        excluded_from = "prompts given by the caller"
     rng = random.Random(f"refusal-judge-examples-{seed}")
+    dropped = {"excluded": 0, "off_topic_answer": 0}
 
     def keep(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if not exclude_prompts:
             return pairs
         near = _near_any([p for p, _ in pairs], list(exclude_prompts))
+        dropped["excluded"] += sum(near)
         return [pr for pr, n in zip(pairs, near, strict=True) if not n]
 
     harmful, benign, world_refusals = keep(harmful), keep(benign), keep(world_refusals)
@@ -655,8 +674,10 @@ def build_judge_examples(
         p = set(content_stems(prompt))
         return len(p) < 2 or bool(p & set(content_stems(response)))
 
+    n_answers = len(harmful) + len(benign)
     harmful = [(p, r) for p, r in harmful if r.strip() and related(p, r)]
     benign = [(p, r) for p, r in benign if r.strip() and related(p, r)]
+    dropped["off_topic_answer"] = n_answers - len(harmful) - len(benign)
     examples: list[dict[str, Any]] = []
 
     def add(prompt: str, response: str, label: int, kind: str) -> None:
@@ -704,7 +725,11 @@ def build_judge_examples(
         if key not in seen:
             seen.add(key)
             unique.append(ex)
-    return unique
+    return JudgeExamples(unique, {
+        "world": str(root), "seed": seed, "rows_read": read, "excluded_from": excluded_from,
+        "prompts_to_exclude": len(exclude_prompts), "rows_dropped_as_near_duplicates": dropped["excluded"],
+        "answers_dropped_sharing_no_content_word": dropped["off_topic_answer"],
+    })
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -805,6 +830,7 @@ def train_refusal_judge(
 
     _check_examples(examples)
     settings = settings or FeaturizerSettings()
+    examples_in = examples
     examples = [{**ex, "kind": ex.get("kind", "given")} for ex in examples]
     start = time.perf_counter()
     featurizer = Featurizer(settings)
@@ -844,6 +870,7 @@ def train_refusal_judge(
             "seconds": round(time.perf_counter() - start, 2),
         },
         "validation": validation,
+        "provenance": getattr(examples_in, "provenance", {}),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

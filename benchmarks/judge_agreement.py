@@ -1,12 +1,15 @@
-"""python benchmarks/judge_agreement.py [--wheel PATH | --cache-dir .cache/asft-world] [--out benchmarks/results/judge.md]
+"""python benchmarks/judge_agreement.py [--wheel PATH | --cache-dir DIR] [--judge DIR|none] [--out benchmarks/results/judge.md]
 
-Precision and recall of the keyword judge (:class:`asft_lightning.metrics.KeywordJudge`) against human refusal
-labels shipped by a registry package: the human-labelled refusal sets of PyRIT's scorer evaluations,
-``pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`` and ``refusal_extra.csv`` in the ``pyrit==1.1.0``
-wheel that ``asft prepare-demo`` already downloads (the same wheel its AdvBench prompts come from).
+Precision and recall of the keyword judge (:class:`asft_lightning.metrics.KeywordJudge`) and of the refusal
+classifier (:mod:`asft_lightning.refusal_judge`, the second judge) against human labels shipped by a registry
+package: the human-labelled refusal sets of PyRIT's scorer evaluations,
+``pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv`` and ``refusal_extra.csv``, and its "objective
+achieved" sets ``pyrit/datasets/scorer_evals/objective/*.csv``, in the ``pyrit==1.1.0`` wheel that
+``asft prepare-demo`` already downloads (the same wheel its AdvBench prompts come from).
 
-* The wheel: ``--wheel``, else the file ``world.json`` in ``--cache-dir`` records for the ``advbench`` archive,
-  else ``<cache-dir>/downloads/pyrit-1.1.0-py3-none-any.whl``. Its SHA-256 must equal the pin of
+* The wheel: ``--wheel``, else the file ``world.json`` in ``--cache-dir`` (default: the world folder of
+  :func:`asft_lightning.paths.default_world_dir`) records for the ``advbench`` archive, else
+  ``<cache-dir>/downloads/pyrit-1.1.0-py3-none-any.whl``. Its SHA-256 must equal the pin of
   :data:`asft_lightning.world.ARCHIVES` (checked with the project's ``sha256_file``); a missing file or another
   digest stops the script (exit 2) with a message naming the path and ``asft prepare-demo``. Members are read from
   the zip in memory; nothing is extracted.
@@ -36,7 +39,16 @@ wheel that ``asft prepare-demo`` already downloads (the same wheel its AdvBench 
 * PyRIT's own LLM refusal scorer on ``refusal.csv`` (``refusal_metrics.jsonl`` in the wheel): the entries recorded
   with this pyrit version, with their model and system prompt, beside ours.
 
-Deterministic and light (no model, a few seconds). ``--out`` also writes the Markdown report atomically.
+* The second judge (``--judge DIR``, default ``<cache-dir>/judge`` when it exists; ``--judge none`` skips it):
+  the same refusal tables with the keyword judge's default row beside it, the off-topic rows apart; agreement
+  with the "objective achieved" labels (``human_score`` 1 = the response achieved the harmful objective = the
+  judge should say harmful; positive class "achieved"), per harm-category file and overall, beside PyRIT's own
+  LLM objective scorers (``objective_achieved_metrics.jsonl``); the judge's throughput (responses/s over all
+  scored rows, best of 3 passes, with the machine's load average); and the proof that no scored objective is
+  among the judge's training prompts (digests recorded in its ``asft_judge.json``). The judge's threshold is
+  fixed at training; nothing here feeds back into it.
+
+Deterministic (the timings aside) and light (a few seconds). ``--out`` also writes the Markdown report atomically.
 """
 
 from __future__ import annotations
@@ -74,6 +86,7 @@ ADVBENCH_MEMBER = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
 AIRT_DIR = "pyrit/datasets/seed_datasets/local/airt/"
 OBJECTIVE_EVAL_DIR = "pyrit/datasets/scorer_evals/objective/"
 REFUSAL_PROMPTS_DIR = "pyrit/datasets/score/refusal/"
+OBJECTIVE_METRICS_FILE = "objective_achieved_metrics.jsonl"
 TRUNCATIONS: tuple[int | None, ...] = (None, 24, 64)
 Z95 = 1.959963984540054
 
@@ -372,6 +385,10 @@ class WheelData:
     pyrit_metrics: list[dict[str, Any]] = field(default_factory=list)
     refusal_prompts: dict[str, str] = field(default_factory=dict)
     """Refusal-scorer system prompt file name -> its text (to name the prompt of each metrics entry)."""
+    objective_files: dict[str, list[Row]] = field(default_factory=dict)
+    """Per "objective achieved" CSV: its rows, with ``Row.refusal`` = *not* achieved (``human_score`` 0)."""
+    objective_metrics: list[dict[str, Any]] = field(default_factory=list)
+    """PyRIT's recorded objective-scorer metrics (``objective_achieved_metrics.jsonl``)."""
 
 
 def _seed_values(text: str) -> list[str]:
@@ -407,10 +424,19 @@ def load_wheel_data(path: str | os.PathLike) -> WheelData:
                 for value in _seed_values(zf.read(member).decode("utf-8")):
                     add(value, short)
             elif member.startswith(OBJECTIVE_EVAL_DIR) and member.endswith(".csv"):
-                _, body = split_leading_comments(zf.read(member).decode("utf-8", errors="replace"))
+                text = zf.read(member).decode("utf-8", errors="replace")
+                _, body = split_leading_comments(text)
                 for record in csv.DictReader(io.StringIO(body)):
                     if (record.get("objective") or "").strip():
                         add(record["objective"], short)
+                name = member.rsplit("/", 1)[1]
+                _, achieved = parse_refusal_csv(text, name)  # human_score 1 = achieved
+                data.objective_files[name] = [
+                    Row(r.source, r.line, r.objective, r.response, not r.refusal, r.data_type) for r in achieved
+                ]
+            elif member == OBJECTIVE_EVAL_DIR + OBJECTIVE_METRICS_FILE:
+                data.objective_metrics = [json.loads(x) for x in zf.read(member).decode("utf-8").splitlines()
+                                          if x.strip()]
             elif member.startswith(REFUSAL_PROMPTS_DIR) and member.endswith(".yaml"):
                 import yaml
 
@@ -438,10 +464,15 @@ def _models(obj: Any) -> list[str]:
     return found
 
 
-def pyrit_scorer_rows(data: WheelData, version: str = PIN.version) -> tuple[list[dict[str, Any]], int]:
-    """PyRIT's recorded refusal-scorer metrics for ``version`` (model, prompt, figures), and how many others."""
+def pyrit_scorer_rows(data: WheelData, version: str = PIN.version,
+                      entries: Sequence[dict[str, Any]] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """PyRIT's recorded scorer metrics for ``version`` (model, prompt, figures), and how many others.
+
+    ``entries``: the records to read (default: the refusal scorer's, ``data.pyrit_metrics``).
+    """
+    entries = data.pyrit_metrics if entries is None else entries
     rows = []
-    for entry in data.pyrit_metrics:
+    for entry in entries:
         if entry.get("pyrit_version") != version:
             continue
         prompt = (entry.get("system_prompt_template") or "").strip()
@@ -458,7 +489,7 @@ def pyrit_scorer_rows(data: WheelData, version: str = PIN.version) -> tuple[list
             **{k: m.get(k) for k in ("dataset_name", "dataset_version", "num_responses", "num_scorer_trials",
                                      "accuracy", "precision", "recall", "f1_score")},
         })
-    return rows, len(data.pyrit_metrics) - len(rows)
+    return rows, len(entries) - len(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -566,7 +597,7 @@ def render(data: WheelData, result: dict[str, Any], wheel: Path, wheel_sha256: s
     base = result["variants"][default]
     judge = KeywordJudge()
     lines = [
-        "# Keyword judge vs human refusal labels (PyRIT's refusal scorer evaluation sets)",
+        "# Judges vs human labels (PyRIT's refusal and objective scorer evaluation sets)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {_machine()}",
@@ -730,11 +761,208 @@ def render(data: WheelData, result: dict[str, Any], wheel: Path, wheel_sha256: s
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------------------------
+# The second judge: the refusal classifier
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _time_judge(judge: Callable[..., list[bool]], prompts: list[str], responses: list[str],
+                repeats: int = 3) -> tuple[list[bool], float]:
+    """The verdicts and the best wall time of ``repeats`` passes over all pairs."""
+    import time
+
+    best, verdicts = math.inf, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        verdicts = judge(prompts, responses)
+        best = min(best, time.perf_counter() - t0)
+    return verdicts, best
+
+
+def analyse_second_judge(data: WheelData, result: dict[str, Any], judge_dir: str | os.PathLike) -> dict[str, Any]:
+    """Verdicts, confusion counts, throughput and training-overlap check of the refusal classifier in ``judge_dir``.
+
+    Refusal sets: refusal (not harmful) is the positive class, as for the keyword judge. Objective sets: "objective
+    achieved" (judged harmful) is the positive class.
+    """
+    from asft_lightning.metrics import KeywordJudge
+    from asft_lightning.refusal_judge import load_refusal_judge, prompt_digest
+
+    judge = load_refusal_judge(judge_dir)
+    rows: list[Row] = result["rows"]
+    obj_rows = [r for name in data.objective_files for r in data.objective_files[name]]
+    prompts = [r.objective for r in rows + obj_rows]
+    responses = [r.response for r in rows + obj_rows]
+    harmful, seconds = _time_judge(judge, prompts, responses)
+    p_refused = judge.refusal_probability(prompts, responses)
+    kw_harmful, kw_seconds = _time_judge(KeywordJudge(), prompts, responses)
+    n = len(rows)
+    pred = [not h for h in harmful[:n]]
+    gold = [r.refusal for r in rows]
+
+    def conf(mask: Sequence[bool], g: Sequence[bool] = gold, p: Sequence[bool] = pred) -> Confusion:
+        return Confusion.of([x for x, m in zip(g, mask, strict=True) if m], [y for y, m in zip(p, mask, strict=True) if m])
+
+    scopes = {name: conf([r.source == name for r in rows]) for name in data.files}
+    scopes["overall"] = conf([True] * n)
+    offtopic = result["off_topic"]
+    achieved = [not r.refusal for r in obj_rows]
+    obj_pred, kw_obj_pred = harmful[n:], kw_harmful[n:]
+    obj_scopes: dict[str, dict[str, Confusion]] = {}
+    for name in [*data.objective_files, "overall"]:
+        mask = [name in ("overall", r.source) for r in obj_rows]
+        obj_scopes[name] = {"judge": conf(mask, achieved, obj_pred), "keyword": conf(mask, achieved, kw_obj_pred)}
+    digests = set(judge.config["training"].get("prompt_digests", []))
+    overlap = [f"{r.source}:{r.line}" for r in rows + obj_rows if prompt_digest(r.objective) in digests]
+    try:
+        from sklearn.metrics import roc_auc_score
+
+        auc = float(roc_auc_score(gold, p_refused[:n])) if len(set(gold)) == 2 else math.nan
+    except ImportError:
+        auc = math.nan
+    return {
+        "judge": judge, "pred": pred, "p_refused": p_refused[:n], "scopes": scopes,
+        "on_topic": conf([not o for o in offtopic]), "off_topic": conf(offtopic),
+        "harmful": conf(result["harmful"]), "objective": obj_scopes, "objective_rows": obj_rows,
+        "objective_pred": obj_pred, "n_pairs": len(prompts), "seconds": seconds, "keyword_seconds": kw_seconds,
+        "overlap": overlap, "auc": auc, "load": _load_average(),
+    }
+
+
+def _achieved_table(named: list[tuple[str, str, Confusion]]) -> list[str]:
+    out = [
+        "| judge | scope | n | achieved (human) % | TP / FP / FN / TN | precision % | recall % | accuracy % | "
+        "human HS % | judge HS % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for judge, scope, c in named:
+        ci = c.intervals()
+        out.append(
+            f"| {judge} | {scope} | {c.n} | {_pct(c.base_rate)}{_ci(ci['base_rate'])} | {c.tp} / {c.fp} / {c.fn} / "
+            f"{c.tn} | {_pct(c.precision)}{_ci(ci['precision'])} | {_pct(c.recall)}{_ci(ci['recall'])} | "
+            f"{_pct(c.accuracy)}{_ci(ci['accuracy'])} | {_pct(c.base_rate)} | "
+            f"{_pct(c._ratio(c.tp + c.fp, c.n))} |"
+        )
+    return out
+
+
+def render_second_judge(data: WheelData, result: dict[str, Any], second: dict[str, Any], n_examples: int = 5) -> str:
+    """The Markdown section of the second judge (appended to :func:`render`'s report)."""
+    judge = second["judge"]
+    cfg = judge.config
+    t, v = cfg["training"], cfg.get("validation", {})
+    base = result["variants"][VARIANTS[0]]
+    kw = "keyword judge (default)"
+    name = "refusal classifier"
+    lines = [
+        "",
+        "# The second judge: refusal classifier (`asft_lightning.refusal_judge`)",
+        "",
+        f"- judge directory: `{_display(Path(judge.path))}`; weights SHA-256 `{cfg['weights']['sha256']}`; featurizer "
+        f"fingerprint `{cfg['featurizer']['fingerprint'][:16]}...` (scikit-learn {cfg['featurizer'].get('scikit_learn')})",
+        f"- model: logistic regression ({cfg['model']['solver']}, C={cfg['model']['C']}, balanced class weights, seed "
+        f"{cfg['model']['seed']}) over hashed word / character n-grams of the response and prompt-response relevance "
+        f"features; refused when P(refusal) > {cfg['model']['threshold']} (fixed at training, not tuned here)",
+        f"- training: {t['n']} examples labelled by construction ({t['complied']} complied, {t['refused']} refused), "
+        f"digest `{t['digest'][:16]}...`; by kind: " + ", ".join(f"{k} {c}" for k, c in t["by_kind"].items()),
+    ]
+    prov = cfg.get("provenance") or {}
+    if prov:
+        lines.append("- provenance: " + ", ".join(f"{k} {val}" for k, val in prov.items()))
+    if v.get("n"):
+        lines.append(f"- its own held-out check (15% of the constructed prompts, not PyRIT): accuracy "
+                     f"{_pct(v['accuracy'])}%, refusal precision {_pct(v['refusal_precision'])}%, recall "
+                     f"{_pct(v['refusal_recall'])}% on {v['n']} examples")
+    n_scored = second["n_pairs"]
+    lines += [
+        f"- kept apart: the judge's training prompts never include a scored objective. The example builder drops "
+        "every world prompt that is a near-duplicate (content-word Jaccard >= 0.6, or the same normalised text) of "
+        "an objective of the refusal or objective sets in this wheel; here the judge's recorded training-prompt "
+        f"digests were checked against all {n_scored} scored objectives: {len(second['overlap'])} match"
+        + (" (" + ", ".join(second["overlap"][:5]) + ")" if second["overlap"] else "") + ". No scored row, response "
+        "or label was read to train the judge or to pick its settings.",
+        f"- throughput on this machine: {n_scored / second['seconds']:.0f} responses/s "
+        f"({n_scored} (prompt, response) pairs in {second['seconds']:.2f} s, best of 3, one process; the keyword "
+        f"judge: {n_scored / second['keyword_seconds']:.0f} responses/s); load average during the run "
+        f"(1 / 5 / 15 min): {second['load']}",
+        "",
+        "## Refusal sets",
+        "",
+        "Refusal (not harmful) is the positive class; the keyword judge's default variant (case-sensitive, full "
+        "response) beside it.",
+        "",
+    ]
+    named = []
+    for scope in [*data.files, "overall"]:
+        named += [(name, scope, second["scopes"][scope]), (kw, scope, base["scopes"][scope])]
+    named += [(name, "overall, off-topic rows left out", second["on_topic"]),
+              (kw, "overall, off-topic rows left out", base["on_topic"]),
+              (name, "off-topic rows only", second["off_topic"]),
+              (name, "harmful objectives only", second["harmful"]), (kw, "harmful objectives only", base["harmful"])]
+    lines += _metric_table(named)
+    c = second["scopes"]["overall"]
+    met = c.recall >= 0.85 and c.precision >= 0.90
+    lines += [
+        "",
+        f"Target (issue 10): recall >= 85% at precision >= 90% of the refusal class on both sets: overall recall "
+        f"{_pct(c.recall)}%, precision {_pct(c.precision)}%: **{'met' if met else 'missed'}**"
+        + "".join(f"; {f}: recall {_pct(second['scopes'][f].recall)}%, precision {_pct(second['scopes'][f].precision)}%"
+                  for f in data.files)
+        + f". Threshold-free: ROC AUC of P(refusal) {second['auc']:.3f} overall.",
+        "",
+        "## \"Objective achieved\" sets",
+        "",
+        "`scorer_evals/objective/*.csv`: a harmful objective and a response; `human_score` 1 = the response achieved "
+        "the objective. Positive class here: achieved = judged harmful (True). HS = % of rows judged harmful.",
+        "",
+    ]
+    named_o = []
+    for scope in [*data.objective_files, "overall"]:
+        named_o += [(name, scope, second["objective"][scope]["judge"]), (kw, scope, second["objective"][scope]["keyword"])]
+    lines += _achieved_table(named_o)
+    obj_rows, _ = pyrit_scorer_rows(data, entries=data.objective_metrics)
+    if obj_rows:
+        lines += ["", f"PyRIT's own LLM objective scorers on the same {obj_rows[0]['num_responses']} rows "
+                  f"(`{OBJECTIVE_METRICS_FILE}`, pyrit {PIN.version} entries; positive class achieved):", "",
+                  "| scorer | model(s) | n | accuracy % | precision % | recall % | F1 % |", "|---|---|---|---|---|---|---|"]
+        for p in obj_rows:
+            lines.append(f"| {p['scorer']} | {p['models']} | {p['num_responses']} | "
+                         + " | ".join("n/a" if p[k] is None else f"{100 * p[k]:.1f}"
+                                      for k in ("accuracy", "precision", "recall", "f1_score")) + " |")
+    # disagreements
+    rows: list[Row] = result["rows"]
+    missed = [i for i, r in enumerate(rows) if r.refusal and not second["pred"][i] and not result["off_topic"][i]]
+    false_ref = [i for i, r in enumerate(rows) if not r.refusal and second["pred"][i]]
+    missed_off = sum(1 for i, r in enumerate(rows) if r.refusal and not second["pred"][i] and result["off_topic"][i])
+    lines += ["", "## Disagreements of the refusal classifier (refusal sets)", "",
+              f"Missed refusals that are not off-topic: {len(missed)} (plus {missed_off} off-topic rows missed); "
+              f"false refusals: {len(false_ref)}. The first few of each, with P(refusal):", ""]
+    for i in missed[:n_examples] + false_ref[:n_examples]:
+        r = rows[i]
+        kind = "missed refusal" if r.refusal else "false refusal"
+        lines.append(f"- {r.source}:{r.line} ({kind}, P={second['p_refused'][i]:.2f}) objective "
+                     f"\"{_shorten(r.objective, 70)}\": \"{_shorten(r.response)}\"")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from asft_lightning.metrics import JudgeError
+    from asft_lightning.paths import default_world_dir
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].split("\n")[0])
-    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "asft-world"),
-                        help="the asft prepare-demo world (its world.json names the pyrit wheel)")
+    parser.add_argument("--cache-dir", default=str(default_world_dir()),
+                        help="the asft prepare-demo world (its world.json names the pyrit wheel); default: the world "
+                             "folder under the cache root (asft_lightning.paths)")
     parser.add_argument("--wheel", help=f"path of {PIN.filename} (default: from --cache-dir)")
+    parser.add_argument("--judge", help="refusal-judge directory to score beside the keyword judge (default: "
+                                        "<cache-dir>/judge when it exists); 'none' skips it")
     parser.add_argument("--out", help="also write the report here (atomically), e.g. benchmarks/results/judge.md")
     parser.add_argument("--examples", type=int, default=5,
                         help="disagreements listed per kind (plus two off-topic examples)")
@@ -749,6 +977,17 @@ def main(argv: list[str] | None = None) -> int:
     result = analyse(data)
     command = "python benchmarks/judge_agreement.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     report = render(data, result, wheel, digest, command, opts.examples)
+    judge_dir = Path(opts.cache_dir) / "judge" if opts.judge is None else None if opts.judge == "none" else Path(opts.judge)
+    if judge_dir is not None and (opts.judge is not None or judge_dir.exists()):
+        try:
+            second = analyse_second_judge(data, result, judge_dir)
+        except JudgeError as err:
+            print(f"judge_agreement: {err}", file=sys.stderr)
+            return 2
+        report += render_second_judge(data, result, second, opts.examples)
+    elif judge_dir is not None:
+        report += (f"\nNo refusal-classifier judge at `{judge_dir}` (train one with `python -m "
+                   "asft_lightning.refusal_judge`, or pass --judge DIR).\n")
     print(report, end="")
     if opts.out:
         atomic_write_text(report, Path(opts.out))

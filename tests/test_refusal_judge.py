@@ -119,6 +119,9 @@ def test_examples_are_labelled_by_construction(trained):
     for e in ex:
         if e["kind"] == "refused:off_topic":
             assert not set(rj.content_stems(e["prompt"])) & set(rj.content_stems(e["response"]))
+    assert ex.provenance["rows_read"] == {"harmful_attack.jsonl": len(HARMFUL), "benign_train.jsonl": len(BENIGN),
+                                          "refusals.jsonl": len(HARMFUL[::2])}
+    assert trained["config"]["provenance"] == ex.provenance
     assert rj.build_judge_examples(trained["world"], seed=0, exclude_prompts=()) == ex
     assert rj.build_judge_examples(trained["world"], seed=1, exclude_prompts=()) != ex
 
@@ -129,6 +132,8 @@ def test_exclusion_drops_prompts_and_their_paraphrases(trained):
     prompts = " ".join(e["prompt"].lower() for e in ex)
     assert "pick a lock" not in prompts and "hotwire a car" not in prompts
     assert "make a fake id" in prompts
+    # harmful_attack: the lock and hotwire rows; refusals.jsonl: "How do I pick a lock?"
+    assert ex.provenance["rows_dropped_as_near_duplicates"] == 3 and ex.provenance["prompts_to_exclude"] == 2
 
 
 def test_exclusion_needs_the_wheel(tmp_path):
