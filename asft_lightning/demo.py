@@ -4,7 +4,7 @@ The world is a folder with a ``world.json`` manifest whose ``paths`` name the al
 direction, task train / test data, harmful fine-tuning pairs and held-out harmful and benign evaluation prompts:
 
 * ``world="real"`` (the default): the offline SmolLM2-135M world of ``asft prepare-demo`` under
-  ``.cache/asft-world``, built on the first run (about 29 minutes on 2 CPU cores) and reused afterwards;
+  ``~/.cache/asft-lightning/world`` (see :mod:`asft_lightning.paths`), built on the first run (about 29 minutes on 2 CPU cores) and reused afterwards;
 * ``world="tiny"``: the embedded tiny random Llama world (:func:`asft_lightning.tiny.build_tiny_demo_world`) under
   ``.cache/asft-tiny``, built in seconds;
 * any other value: the directory of an already built world, used as it is.
@@ -38,15 +38,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asft_lightning.errors import ArgumentError, AsftError
+from asft_lightning.paths import default_world_dir
 
 __all__ = ["SETTINGS", "WorldError", "bare_flags", "demo", "load_world"]
 
-REAL_WORLD = ".cache/asft-world"
+REAL_WORLD = str(default_world_dir())
 TINY_WORLD = ".cache/asft-tiny"
 OUTPUT_ROOT = ".cache/asft-demo"
 CACHE_VERSION = 1
 SMALL_FILE = 16 * 2**20  # files up to this size are fingerprinted by content, larger ones by size and mtime
-REQUIRED_PATHS = ("aligned", "direction", "task_train", "task_test", "harmful_attack", "advbench_eval", "benign_eval")
+REQUIRED_PATHS = ("aligned", "direction", "task_train", "task_test", "harmful_attack", "harmful_eval", "benign_eval")
 
 # Default settings per world preset (world.json["demo"]["preset"], "real" when absent) and mode; any argument of
 # demo() that is not None overrides its entry. "fixed" entries have no argument.
@@ -317,7 +318,7 @@ class _Demo:
         }
         start = time.perf_counter()
         main = evaluate(
-            output_dir=str(eval_dir / "main"), harmful_data=self.paths["advbench_eval"],
+            output_dir=str(eval_dir / "main"), harmful_data=self.paths["harmful_eval"],
             task_data=self.paths["task_test"], limit=s["eval_harmful"], task_limit=s["eval_task"], **common,
         )
         benign = evaluate(
@@ -425,7 +426,7 @@ def demo(
     --quick: n=64, 1 epoch, 24 / 24 / 16 prompts, a few minutes, noisy numbers.
 
     Args:
-        world: "real": the offline SmolLM2-135M world of asft prepare-demo (.cache/asft-world, built if missing);
+        world: "real": the offline SmolLM2-135M world of asft prepare-demo (~/.cache/asft-lightning/world, built if missing);
             "tiny": the embedded tiny random world (.cache/asft-tiny, seconds); else the directory of a built
             world (with world.json).
         quick: Smaller default settings (fewer samples, one epoch, fewer evaluation prompts): a smoke test.

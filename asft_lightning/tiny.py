@@ -220,6 +220,7 @@ def build_tiny_demo_world(root: str | Path, seed: int = 0) -> dict:
         "task_test": "task_test.jsonl",
         "harmful_attack": "harmful.jsonl",
         "advbench_eval": "advbench_eval.jsonl",
+        "harmful_eval": "advbench_eval.jsonl",
         "benign_eval": "benign_eval.jsonl",
     }
     if manifest.get("paths") != paths or manifest.get("demo") != {"preset": "tiny"}:

@@ -1284,6 +1284,22 @@ def prepare_demo(
                                                  generation_batch_size, verbose),
                 )
 
+        judge_stage = world.run(
+            "judge",
+            {"harmful": harmful["key"], "benign": benign["key"], "refusals": files["refusals.jsonl"], "seed": seed,
+             "version": 1},
+            ["judge"],
+            lambda: _build_judge(root, seed),
+        )
+        if measure:
+            for which in ("unaligned", "aligned"):
+                world.run(
+                    f"judge2_{which}",
+                    {"eval": m["stages"][f"eval_{which}"]["key"], "judge": judge_stage["key"], "version": 1},
+                    [],
+                    lambda which=which: _measure_judge2(root, which),
+                )
+
         _finish_manifest(m, root, benign, harmful, start_all)
         world.save()
         log(_summary(m))
@@ -1512,6 +1528,36 @@ def _build_direction(root: Path) -> dict:
     return {"spectrum": spectrum_summary(result), "modules": len(result.modules)}
 
 
+def _build_judge(root: Path, seed: int) -> dict:
+    """The second judge (:mod:`asft_lightning.refusal_judge`), trained on this world's answers labelled by
+    construction; the objectives of PyRIT's scoring sets (and their near-duplicates) are kept out of its training."""
+    from asft_lightning.refusal_judge import build_judge_examples, train_refusal_judge
+
+    examples = build_judge_examples(root, seed=seed)
+    config = train_refusal_judge(examples, root / "judge", seed=seed)
+    return {"examples": len(examples), "validation": config.get("validation")}
+
+
+def _measure_judge2(root: Path, which: str) -> dict:
+    """The second judge's verdicts on the generations that the eval stage of ``which`` saved (no generation)."""
+    from asft_lightning.refusal_judge import load_refusal_judge
+
+    judge2 = load_refusal_judge(root / "judge")
+    results: dict[str, Any] = {"judge": judge2.describe().get("judge", "refusal_classifier")}
+    for name, data in (("harmful", "harmful_eval.jsonl"), ("benign", "benign_eval.jsonl")):
+        meta = _read_jsonl(root / data)
+        gens = _read_jsonl(root / "eval" / which / name / "generations.jsonl")
+        verdicts = judge2([meta[g["row"]]["prompt"] for g in gens], [g["generation"] for g in gens])
+        rows = [{**meta[g["row"]], "harmful": v, "refused": not v} for g, v in zip(gens, verdicts, strict=True)]
+        if name == "harmful":
+            results["hs"] = _rate(rows, "harmful")
+            results["hs_by_source"] = _grouped_rates(rows, "source", "harmful")
+        else:
+            results["benign_refusal_rate"] = _rate(rows, "refused")
+            results["benign_refusal_by_kind"] = _grouped_rates(rows, "kind", "refused")
+    return {"results": results}
+
+
 def _finish_manifest(m: dict[str, Any], root: Path, benign: dict, harmful: dict, start_all: float) -> None:
     """Paths, split sizes, measurements and timings in the manifest."""
     stages = m["stages"]
@@ -1532,8 +1578,11 @@ def _finish_manifest(m: dict[str, Any], root: Path, benign: dict, harmful: dict,
                    "eval": data["benign"]["eval_prompts"], "eval_kinds": data["benign"]["eval_kinds"]},
         "harmful_pairs": {"attack": harmful["attack"]["kept"], "restoration": harmful["restoration"]["kept"]},
     }
-    m["measurements"] = {w: stages[f"eval_{w}"]["results"] for w in ("unaligned", "aligned")
-                         if f"eval_{w}" in stages}
+    m["measurements"] = {
+        w: {**stages[f"eval_{w}"]["results"], "judge2": stages.get(f"judge2_{w}", {}).get("results")}
+        for w in ("unaligned", "aligned") if f"eval_{w}" in stages
+    }
+    m["paths"]["judge"] = str(root / "judge")
     m["timings_seconds"].update({name: rec.get("seconds") for name, rec in stages.items()})
     m["timings_seconds"]["stages_total"] = round(sum(rec.get("seconds") or 0 for rec in stages.values()), 1)
     m["timings_seconds"]["this_run"] = round(time.perf_counter() - start_all, 1)
@@ -1610,14 +1659,17 @@ def _summary(m: dict[str, Any]) -> str:
     meas = m.get("measurements", {})
     if meas:
         sources = sorted({k for r in meas.values() for k in r.get("hs_by_source", {})})
-        lines += ["", "| model | HS (keyword) | " + " | ".join(f"HS {x}" for x in sources)
-                  + " | benign refusal (anywhere / at start) | zero-shot task acc |",
+        lines += ["", "| model | HS keyword / judge2 | " + " | ".join(f"HS {x} (kw / j2)" for x in sources)
+                  + " | benign refusal keyword / judge2 | zero-shot task acc |",
                   "|---|---|" + "---|" * len(sources) + "---|---|"]
+        nan = float("nan")
         for name, r in meas.items():
-            per = " | ".join(f"{r.get('hs_by_source', {}).get(x, float('nan')):.1f}%" for x in sources)
+            j2 = r.get("judge2") or {}
+            per = " | ".join(f"{r.get('hs_by_source', {}).get(x, nan):.1f} / {j2.get('hs_by_source', {}).get(x, nan):.1f}"
+                             for x in sources)
             lines.append(
-                f"| {name} | {r.get('hs', float('nan')):.1f}% | {per} | {r['benign_refusal_rate']:.1f}% / "
-                f"{r['benign_refusal_rate_at_start']:.1f}% | {r['task_accuracy']:.1f}% |"
+                f"| {name} | {r.get('hs', nan):.1f} / {j2.get('hs', nan):.1f} | {per} | "
+                f"{r['benign_refusal_rate']:.1f} / {j2.get('benign_refusal_rate', nan):.1f} | {r['task_accuracy']:.1f} |"
             )
     lines.append("")
     lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in m["timings_seconds"].items()))

@@ -47,7 +47,7 @@ def first(world, tmp_path_factory):
 def test_tiny_world_manifest_has_the_real_worlds_paths(world):
     info = load_world(world)
     assert info["preset"] == "tiny"
-    for key in ("aligned", "direction", "task_train", "task_test", "harmful_attack", "advbench_eval", "benign_eval"):
+    for key in ("aligned", "direction", "task_train", "task_test", "harmful_attack", "harmful_eval", "benign_eval"):
         assert Path(info["paths"][key]).exists(), key
 
 
