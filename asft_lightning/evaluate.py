@@ -9,9 +9,19 @@ keyword or model judge (:mod:`asft_lightning.metrics`), task generations scored 
 Outputs, each written atomically (temporary file in ``output_dir``, then renamed):
 
 * ``eval.json``: HS, FA, counts and every setting (model, adapter and its SHA-256, data files and their SHA-256,
-  judge, generation settings, library versions); byte-identical when run twice with the same inputs;
-* ``generations.jsonl``: one row per prompt: source, row, prompt, generation and verdict;
-* ``summary.md``: the same figures as a Markdown table.
+  judge, generation settings, library versions); HS under every judge asked for (``judges``), per prompt source
+  and per category when the harmful file has ``source`` / ``category`` columns; the refusal margin
+  (:mod:`asft_lightning.margin`, mean and 95% bootstrap interval) with ``margin=True``; byte-identical when run
+  twice with the same inputs;
+* ``generations.jsonl``: one row per prompt: ``source`` (``harmful`` or ``task``), row, prompt, generation and
+  verdict; harmful rows also carry ``prompt_source`` / ``category`` (from the file's ``source`` / ``category``
+  columns), ``verdicts`` (one per judge, with several judges) and the margin fields;
+* ``summary.md``: the same figures as a Markdown table;
+* ``timings.json`` (only with ``write_timings=True``, as it differs between runs): seconds per phase.
+
+Cost: prompts are batched by token length (longest first, order restored), each sequence stops at end-of-turn /
+eos and the batch when all have stopped; harmful and task prompts get their own new-token caps
+(``max_new_tokens``, ``task_max_new_tokens``: a label answer needs a few tokens, a judge a few dozen).
 
 Nothing is ever written into the model or adapter directories.
 """
@@ -21,6 +31,9 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +43,8 @@ from asft_lightning.checkpoints import CheckpointError, architecture_fingerprint
 from asft_lightning.data import _load_table, _load_tokenizer, _samples, _text, encode_prompts, load_prompts
 from asft_lightning.errors import ArgumentError, AsftError, DataError, InputNotFoundError
 from asft_lightning.fileio import atomic_write_text
-from asft_lightning.generation import MAX_NEW_TOKENS_LIMIT, generate
+from asft_lightning.generation import MAX_NEW_TOKENS_LIMIT, generate, stop_token_ids
+from asft_lightning.margin import encode_pairs, load_margin_pairs, margin_scores, summarize_margins
 from asft_lightning.metrics import HarmfulScore, KeywordJudge, TaskAccuracy, judge_kind, load_judge
 
 __all__ = ["MAX_NEW_TOKENS_LIMIT", "AdapterMismatchError", "check_adapter", "evaluate", "generate"]
@@ -195,6 +209,56 @@ def _harmful_prompts(source: str, column: str, limit: int | None) -> list[tuple[
     return list(enumerate(prompts))
 
 
+def _harmful_groups(source: str, columns: dict[str, str | None], n: int) -> dict[str, list[str | None]]:
+    """``{"prompt_source": [...], "category": [...]}`` for the first ``n`` rows, for the columns the file has."""
+    table = _load_table(source, "harmful_data", {}, None)
+    present = set(table.column_names)
+    sub = table.select(range(min(n, len(table))))
+    out = {}
+    for key, column in columns.items():
+        if column is not None and column in present:
+            out[key] = [None if _text(v) is None else _text(v).strip() or None for v in sub[column]]
+    return out
+
+
+def _judge_specs(judge: str, judges: str | Sequence[str] | None) -> list[str]:
+    """The judges to run, the first being the primary one (``HS``, ``verdict``)."""
+    if judges is None:
+        return [judge]
+    items = judges.split(",") if isinstance(judges, str) else list(judges)
+    specs = [str(j).strip() for j in items if str(j).strip()]
+    if not specs:
+        raise ArgumentError(f"judges={judges!r} names no judge; expected e.g. 'keyword,/path/to/judge_dir'")
+    repeated = sorted({j for j in specs if specs.count(j) > 1})
+    if repeated:
+        raise ArgumentError(f"judges={judges!r}: {repeated} given more than once")
+    return specs
+
+
+def _judge_labels(specs: Sequence[str]) -> list[str]:
+    """Short unique names of the judges: ``keyword``, else the directory name (``#2`` etc. on a clash)."""
+    labels: list[str] = []
+    for spec in specs:
+        base = "keyword" if spec == "keyword" else (Path(spec).expanduser().name or spec)
+        label, k = base, 2
+        while label in labels:
+            label, k = f"{base}#{k}", k + 1
+        labels.append(label)
+    return labels
+
+
+def _group_scores(verdicts: Sequence[bool], groups: Sequence[str | None]) -> dict[str, dict[str, Any]]:
+    """HS per group value: ``{group: {"prompts", "harmful", "harmful_score"}}`` (rows without a value: ``"?"``)."""
+    counts: dict[str, list[int]] = {}
+    for verdict, group in zip(verdicts, groups, strict=True):
+        c = counts.setdefault(group if group is not None else "?", [0, 0])
+        c[0] += 1
+        c[1] += int(verdict)
+    return {
+        g: {"prompts": n, "harmful": k, "harmful_score": round(100.0 * k / n, 6)} for g, (n, k) in sorted(counts.items())
+    }
+
+
 def _default_labels(table: Any, column: str, source: str) -> list[str]:
     seen: dict[str, str] = {}
     for value in table[column]:
@@ -234,6 +298,26 @@ def _summary_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str
             f"{c['task_correct']} of {c['task_examples']} task examples correct ({c['task_unanswered']} without an "
             "answer) |"
         )
+    judges = report.get("judges") or []
+    if len(judges) > 1:
+        for j in judges:
+            lines.append(
+                f"| HS under judge `{j['label']}` | {_fmt(j['harmful_score'])} | {j['harmful']} of "
+                f"{c['harmful_prompts']} judged harmful |"
+            )
+    margin = report.get("margin")
+    if margin:
+        lines.append(
+            f"| refusal margin (nats/token, higher is safer) | {margin['mean']:.4f} | 95% interval "
+            f"[{margin['ci95'][0]:.4f}, {margin['ci95'][1]:.4f}] over {margin['prompts']} prompts; "
+            f"{margin['positive_share']:.1f}% prefer the refusal |"
+        )
+    for key, title in (("harmful_score_by_source", "source"), ("harmful_score_by_category", "category")):
+        groups = report.get(key)
+        if groups:
+            lines += ["", f"HS per {title} (judge `{judges[0]['label']}`):", "", f"| {title} | prompts | HS |",
+                      "|---|---|---|"]
+            lines += [f"| {_md(g)} | {v['prompts']} | {_fmt(v['harmful_score'])} |" for g, v in groups.items()]
     judge = s["judge"] or {}
     if judge:
         lines += [
@@ -260,6 +344,7 @@ def _summary_markdown(report: dict[str, Any], rows: list[dict[str, Any]]) -> str
         "task_limit",
         "batch_size",
         "max_new_tokens",
+        "task_max_new_tokens",
         "template",
         "system_prompt",
         "dtype",
@@ -319,17 +404,26 @@ def evaluate(
     task_limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    task_max_new_tokens: int | None = None,
     template: str | None = None,
     system_prompt: str | None = None,
     judge: str = "keyword",
+    judges: str | list[str] | None = None,
     case_sensitive: bool = True,
     harmful_label: str | None = None,
     judge_input: Literal["pair", "response"] = "pair",
+    source_column: str | None = "source",
+    category_column: str | None = "category",
+    margin: bool = False,
+    refusal_column: str = "refusal",
+    compliance_column: str = "compliance",
+    margin_max_length: int = 512,
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
     verbose: bool = True,
+    write_timings: bool = False,
 ) -> dict:
     """Harmful score (HS) and fine-tune accuracy (FA) of a model, optionally with a PEFT adapter.
 
@@ -364,23 +458,40 @@ def evaluate(
         limit: Evaluate only the first limit rows of each data file (at least 1). None: every row.
         task_limit: Evaluate only the first task_limit rows of task_data instead (at least 1), e.g. to give the
             harmful and the task file different sizes. None: the same as limit.
-        batch_size: Prompts per generation batch (at least 1).
-        max_new_tokens: Most tokens generated per prompt, in [1, 4096].
+        batch_size: Prompts per generation batch (at least 1); also pairs per margin forward pass.
+        max_new_tokens: Most tokens generated per harmful prompt, in [1, 4096] (and per task example unless
+            task_max_new_tokens is given). Generation stops earlier at end-of-turn / eos.
+        task_max_new_tokens: Most tokens generated per task example, in [1, 4096]; None: max_new_tokens. A label
+            answer needs only a few.
         template: None to render prompts with the tokenizer's chat template; else a Python format string with a
             {prompt} field (and optionally {system}), as in training.
         system_prompt: Optional system message, as in training.
         judge: "keyword" (GCG refusal prefixes) or the path of a judge model directory: a
             *ForSequenceClassification model with an unsafe/harmful label, or a causal-LM judge such as
             Llama-Guard.
+        judges: Several judges in one run, comma-separated (e.g. "keyword,/path/to/judge_dir"): HS is reported
+            under each (eval.json "judges", a "verdicts" entry per judge in generations.jsonl); the first is the
+            primary judge (harmful_score, verdict). None: judge alone.
         case_sensitive: Keyword judge: match the refusal phrases case-sensitively, as the GCG code does.
         harmful_label: Classifier judge: the id2label name meaning harmful (default: the label named
             unsafe/harmful/toxic/flagged).
         judge_input: Classifier judge: classify the (prompt, generation) "pair" or the "response" alone.
+        source_column: Column of harmful_data naming each prompt's source (e.g. advbench); when the file has it,
+            HS is also reported per source. None: ignore.
+        category_column: Column of harmful_data naming each prompt's harm category; HS per category likewise.
+        margin: Also compute the refusal margin (asft_lightning.margin): per harmful prompt, the mean per-token
+            log-likelihood of the file's refusal minus that of its compliant answer (nats; > 0: prefers refusing),
+            teacher-forced, no generation. Needs refusal_column and compliance_column in harmful_data.
+        refusal_column: Column of harmful_data with the fixed refusal (margin only).
+        compliance_column: Column of harmful_data with the fixed compliant answer (margin only).
+        margin_max_length: Most tokens per prompt + answer sequence of the margin (training's truncation policy).
         dtype: Dtype the model (and a model judge) is loaded in.
         device: Torch device, e.g. "cuda:0" or "cpu"; None: CUDA if available, else CPU.
         seed: Seed set before generation (greedy decoding does not sample; recorded for the record).
         progress: Show progress bars on stderr.
-        verbose: Print the summary table to stdout at the end.
+        verbose: Print the summary table and the timings to stdout at the end.
+        write_timings: Also write timings.json (seconds per phase) into output_dir; off by default because it
+            differs between runs while the other files are byte-identical.
 
     Returns:
         The content of eval.json: harmful_score, fine_tune_accuracy (percent or None), counts, settings,
@@ -394,6 +505,15 @@ def evaluate(
         problems.append(f"batch_size must be >= 1, got {batch_size}")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         problems.append(f"max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens}")
+    if task_max_new_tokens is not None and not 1 <= task_max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        problems.append(
+            f"task_max_new_tokens must be in [1, {MAX_NEW_TOKENS_LIMIT}] (or None for max_new_tokens), got "
+            f"{task_max_new_tokens}"
+        )
+    if margin and harmful_data is None:
+        problems.append("margin=True needs harmful_data with refusal and compliance columns")
+    if margin_max_length < 2:
+        problems.append(f"margin_max_length must be >= 2, got {margin_max_length}")
     if limit is not None and limit < 1:
         problems.append(f"limit must be >= 1 (or None for every row), got {limit}")
     if task_limit is not None and task_limit < 1:
@@ -432,10 +552,25 @@ def evaluate(
             adapter_weights, adapter
         ):
             raise CheckpointError(f"adapter={adapter!r}: {adapter_weights.name} holds no lora_A / lora_B weights")
+    judge_specs = _judge_specs(judge, judges)
+    judge_labels = _judge_labels(judge_specs)
     if harmful_data is not None:
-        judge_kind(judge)  # a bad judge path fails here, before the model is loaded
+        for spec in judge_specs:
+            judge_kind(spec)  # a bad judge path fails here, before the model is loaded
 
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     harmful = _harmful_prompts(harmful_data, harmful_prompt_column, limit) if harmful_data is not None else []
+    groups = (
+        _harmful_groups(harmful_data, {"prompt_source": source_column, "category": category_column}, len(harmful))
+        if harmful
+        else {}
+    )
+    pairs = (
+        load_margin_pairs(harmful_data, "harmful_data", harmful_prompt_column, refusal_column, compliance_column, limit)
+        if margin
+        else []
+    )
     task_samples, task_values = [], []
     accuracy = None
     if task_data is not None:
@@ -472,6 +607,7 @@ def evaluate(
     tokenizer = _load_tokenizer(model_dir, gguf)
     harmful_ids = encode_prompts(tokenizer, [p for _, p in harmful], template, system_prompt)
     task_ids = encode_prompts(tokenizer, [s.prompt for s in task_samples], template, system_prompt)
+    margin_encoded = encode_pairs(tokenizer, pairs, template, system_prompt, margin_max_length) if pairs else []
 
     from transformers import AutoModelForCausalLM
 
@@ -497,53 +633,90 @@ def evaluate(
                 f"adapter={adapter!r}: PEFT could not load it onto model {model!r}: {err}"
             ) from err
     lm.to(torch_device).eval()
+    stop_ids = stop_token_ids(lm, tokenizer)
+    timings["load"] = time.perf_counter() - clock
 
+    clock = time.perf_counter()
     harmful_gen = generate(
         lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts"
     )
-    task_gen = generate(lm, tokenizer, task_ids, batch_size, max_new_tokens, progress, "task prompts")
+    timings["generate_harmful"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    task_tokens = max_new_tokens if task_max_new_tokens is None else task_max_new_tokens
+    task_gen = generate(lm, tokenizer, task_ids, batch_size, task_tokens, progress, "task prompts")
+    timings["generate_task"] = time.perf_counter() - clock
+    margins = []
+    if pairs:
+        clock = time.perf_counter()
+        margins = margin_scores(lm, tokenizer, pairs, batch_size, progress=progress, encoded=margin_encoded)
+        timings["margin"] = time.perf_counter() - clock
     del lm
     gc.collect()
     if torch_device.type == "cuda":
         torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ judge and score
+    clock = time.perf_counter()
     rows: list[dict[str, Any]] = []
     hs_metric = None
-    judge_settings: dict[str, Any] | None = {"judge": judge} if harmful_data is not None else None
+    judge_settings: dict[str, Any] | None = {"judge": judge_specs[0]} if harmful_data is not None else None
+    judged: list[dict[str, Any]] = []
     if harmful:
-        judge_obj = load_judge(
-            judge,
-            case_sensitive=case_sensitive,
-            harmful_label=harmful_label,
-            input_format=judge_input,
-            batch_size=batch_size,
-            device=torch_device,
-            dtype=DTYPES[dtype],
-        )
-        judge_settings = judge_obj.describe()
-        hs_metric = HarmfulScore(judge_obj)
         prompts = [p for _, p in harmful]
-        for start in range(0, len(prompts), batch_size):
-            stop = start + batch_size
-            hs_metric.update(prompts[start:stop], harmful_gen[start:stop])
-            extra = getattr(judge_obj, "last_outputs", None) or getattr(judge_obj, "last_scores", None)
-            for k, verdict in enumerate(hs_metric.last_verdicts):
-                row, prompt = harmful[start + k]
-                record: dict[str, Any] = {
-                    "source": "harmful",
-                    "row": row,
-                    "prompt": prompt,
-                    "generation": harmful_gen[start + k],
-                    "verdict": "harmful" if verdict else "safe",
-                    "harmful": verdict,
-                }
+        for spec, label in zip(judge_specs, judge_labels, strict=True):
+            judge_obj = load_judge(
+                spec,
+                case_sensitive=case_sensitive,
+                harmful_label=harmful_label,
+                input_format=judge_input,
+                batch_size=batch_size,
+                device=torch_device,
+                dtype=DTYPES[dtype],
+            )
+            metric = HarmfulScore(judge_obj)
+            verdicts: list[bool] = []
+            details: list[Any] = []
+            for start in range(0, len(prompts), batch_size):
+                stop = start + batch_size
+                metric.update(prompts[start:stop], harmful_gen[start:stop])
+                verdicts += metric.last_verdicts
                 if isinstance(judge_obj, KeywordJudge):
-                    record["refusal_phrase"] = judge_obj.refusal_phrase(harmful_gen[start + k])
-                elif extra:
-                    record["judge_output"] = extra[k]
-                rows.append(record)
-        del judge_obj
+                    details += [("refusal_phrase", judge_obj.refusal_phrase(g)) for g in harmful_gen[start:stop]]
+                else:
+                    extra = getattr(judge_obj, "last_outputs", None) or getattr(judge_obj, "last_scores", None)
+                    details += [("judge_output", extra[k]) if extra else None for k in range(len(metric.last_verdicts))]
+            judged.append(
+                {"spec": spec, "label": label, "settings": judge_obj.describe(), "metric": metric,
+                 "verdicts": verdicts, "details": details}
+            )  # fmt: skip
+            del judge_obj
+        hs_metric = judged[0]["metric"]
+        judge_settings = judged[0]["settings"]
+        by_row = {m.row: m for m in margins}
+        for i, (row, prompt) in enumerate(harmful):
+            verdict = judged[0]["verdicts"][i]
+            record: dict[str, Any] = {
+                "source": "harmful",
+                "row": row,
+                "prompt": prompt,
+                "generation": harmful_gen[i],
+                "verdict": "harmful" if verdict else "safe",
+                "harmful": verdict,
+            }
+            for key, values in groups.items():
+                record[key] = values[i]
+            if judged[0]["details"][i] is not None:
+                record[judged[0]["details"][i][0]] = judged[0]["details"][i][1]
+            if len(judged) > 1:
+                record["verdicts"] = {j["label"]: j["verdicts"][i] for j in judged}
+                for j in judged[1:]:
+                    if j["details"][i] is not None:
+                        record.setdefault("judge_details", {})[j["label"]] = j["details"][i][1]
+            if row in by_row:
+                m = by_row[row]
+                record.update(margin=round(m.margin, 6), refusal_logprob=round(m.refusal_logprob, 6),
+                              compliance_logprob=round(m.compliance_logprob, 6))
+            rows.append(record)
     if task_samples:
         for start in range(0, len(task_samples), batch_size):
             stop = start + batch_size
@@ -571,9 +744,26 @@ def evaluate(
         v = float(metric.compute())
         return None if math.isnan(v) else round(v, 6)
 
+    timings["judge"] = time.perf_counter() - clock
+    judges_report = [
+        {
+            "label": j["label"],
+            "spec": j["spec"],
+            "settings": j["settings"],
+            "harmful_score": value(j["metric"]),
+            "harmful": int(j["metric"].harmful),
+            **({"by_source": _group_scores(j["verdicts"], groups["prompt_source"])} if "prompt_source" in groups else {}),
+            **({"by_category": _group_scores(j["verdicts"], groups["category"])} if "category" in groups else {}),
+        }
+        for j in judged
+    ]
     report: dict[str, Any] = {
         "harmful_score": value(hs_metric),
         "fine_tune_accuracy": value(accuracy) if task_samples else None,
+        "judges": judges_report,
+        "harmful_score_by_source": judges_report[0].get("by_source") if judges_report else None,
+        "harmful_score_by_category": judges_report[0].get("by_category") if judges_report else None,
+        "margin": summarize_margins(margins, seed=seed) if margins else None,
         "counts": {
             "harmful_prompts": len(harmful),
             "harmful_judged_harmful": int(hs_metric.harmful) if hs_metric is not None else 0,
@@ -604,12 +794,29 @@ def evaluate(
             "task_limit": task_limit,
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
+            "task_max_new_tokens": task_tokens,
             "template": template,
             "system_prompt": system_prompt,
             "judge": judge_settings,
+            "judges": judge_specs if harmful_data is not None else None,
+            "source_column": source_column,
+            "category_column": category_column,
+            "margin": (
+                {"refusal_column": refusal_column, "compliance_column": compliance_column,
+                 "max_length": margin_max_length}
+                if margin
+                else None
+            ),
             "dtype": dtype,
             "seed": seed,
-            "generation": {"do_sample": False, "num_beams": 1, "use_cache": True, "padding_side": "left"},
+            "generation": {
+                "do_sample": False,
+                "num_beams": 1,
+                "use_cache": True,
+                "padding_side": "left",
+                "batching": "sorted by prompt length, longest first; input order restored",
+                "stop_token_ids": stop_ids,
+            },
         },
         "versions": _versions(),
         "outputs": {"eval": "eval.json", "generations": "generations.jsonl", "summary": "summary.md"},
@@ -622,7 +829,14 @@ def evaluate(
     atomic_write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", out / "eval.json")
     summary = _summary_markdown(report, rows)
     atomic_write_text(summary, out / "summary.md")
+    timings = {k: round(v, 2) for k, v in timings.items()}
+    timings["total"] = round(sum(timings.values()), 2)
+    if write_timings:
+        atomic_write_text(json.dumps(timings, indent=2) + "\n", out / "timings.json")
     if verbose:
         print(summary.split("\n## Settings", 1)[0].rstrip())
-        print(f"\nwrote {out / 'eval.json'}, {out / 'generations.jsonl'}, {out / 'summary.md'}")
+        print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        print(f"wrote {out / 'eval.json'}, {out / 'generations.jsonl'}, {out / 'summary.md'}")
+    elif progress:
+        print("evaluate: timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), file=sys.stderr)
     return report

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from asft_lightning.data import IGNORE_INDEX, _load_table, _text, collate, encode_example
+from asft_lightning.errors import ArgumentError, DataError
 
 __all__ = [
     "MarginPair",
@@ -140,7 +141,7 @@ def load_margin_pairs(
     present = list(table.column_names)
     missing = [c for c in (refusal_column, compliance_column) if c not in present]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{argument}={source!r}: the margin score needs a refusal and a compliant answer per prompt, but column"
             f"{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} (set by refusal_column / "
             f"compliance_column) {'are' if len(missing) > 1 else 'is'} missing; columns present: {present}. Use an "
@@ -155,7 +156,7 @@ def load_margin_pairs(
         for name in (prompt_column, refusal_column, compliance_column):
             text = _text(cols[name][i])
             if text is None or not text.strip():
-                raise ValueError(
+                raise DataError(
                     f"{argument}={source!r}: row {i} has no text in column {name!r} (the margin score needs a "
                     "non-empty prompt, refusal and compliant answer in every row)"
                 )
@@ -246,7 +247,7 @@ def margin_scores(
         One :class:`MarginRecord` per pair.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
     if not pairs:
         return []
     if encoded is None:
