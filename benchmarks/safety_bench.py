@@ -1,16 +1,31 @@
-"""Safety benchmark on the offline real world: HS / FA of aligned, SFT, Safe LoRA, AsFT variants and restoration.
+"""Safety benchmark on the offline world: aligned, SFT, Safe LoRA, AsFT forms and restorations over 3 seeds.
 
-Run from the repository root after ``asft prepare-demo`` (the world under ``.cache/asft-world``)::
+Run from the repository root after ``asft prepare-demo`` (the world under ``asft_lightning.paths.default_world_dir()``,
+i.e. ``~/.cache/asft-lightning/world`` unless ``$ASFT_CACHE_DIR`` / ``$XDG_CACHE_HOME`` say otherwise)::
 
-    python benchmarks/safety_bench.py [--n 200 --p 0.1 --epochs 2] [--methods sft,asft_safelora,...]
-        [--out benchmarks/results/safety.md]
+    python benchmarks/safety_bench.py                       # every method, seeds 42, 1, 2 (hours of CPU)
+    python benchmarks/safety_bench.py --methods aligned,sft,asft_safelora --seeds 42
 
 Every method goes through the user-facing code paths: ``asft fit`` (LightningCLI, in-process), ``asft safelora``,
-``asft restore`` and ``asft evaluate`` (harmful score HS on held-out AdvBench prompts with the keyword judge,
-fine-tune accuracy FA on the task test split, and the benign refusal rate on held-out benign prompts). Results of
-each method are cached as JSON under ``--workdir`` (keyed by the settings), so an interrupted run resumes; the
-Markdown report is regenerated from whatever is finished. Also reported per adapter: how much of the update
-``dW = B A`` lies in the top-k alignment subspace, and its signed cosine with ``V`` (along / against).
+``asft restore`` and ``asft evaluate``. Each row is evaluated on the world's whole instrument: HS on every held-out
+harmful prompt (``harmful_eval.jsonl``, several sources) under every judge (keyword, and the world's second judge in
+``judge/`` when it exists), the refusal margin on the same prompts (teacher-forced, see ``asft_lightning.margin``),
+FA on every task test example, and the refusal rate on every held-out benign prompt.
+
+Statistics (``asft_lightning.stats``): a row's figure is the mean over its seeds and prompts with a 95% percentile
+bootstrap interval that resamples prompts and seeds; a method's change against SFT is paired (same seed, same
+prompts) and bootstrapped the same way; a change whose interval contains 0 is reported in words as not
+distinguishable from SFT. The aligned model does not depend on the seed: its one evaluation is paired with SFT of
+every seed.
+
+Outputs: ``--out_md`` (default ``benchmarks/results/safety.md``) and ``--out_json`` (``safety.json``: the shape of
+issue 10, rates in percent), rewritten atomically after every finished row, so a partial run still leaves a report.
+
+Caching (``--workdir``, default ``asft_lightning.paths.cache_root() / "safety-bench"``): every fine-tune is keyed by
+exactly the settings and input files (SHA-256) it uses (SFT does not depend on lambda or the direction; an AsFT form
+on its own lambda and direction), derived direction files by the digest of the file they come from, every evaluation
+by the adapter's digest and the evaluation settings, every finished row by both. A run killed at any point resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -19,10 +34,12 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +62,82 @@ METHODS = {
     "sft_restore_first_order": "SFT + restoration, first-order baseline",
     "asft_restore": "AsFT (published projector) + restoration, curvature",
 }
+RESTORING = ("sft_restore_curvature", "sft_restore_first_order", "asft_restore")
+SEED_FREE = ("aligned",)
+"""Methods whose result does not depend on the seed (evaluated once, paired with SFT of every seed)."""
+
+WORLD_FILES = {
+    "aligned": "aligned",
+    "unaligned": "unaligned",
+    "direction": "direction.safetensors",
+    "task_train": "task_train.jsonl",
+    "task_test": "task_test.jsonl",
+    "harmful_attack": "harmful_attack.jsonl",
+    "harmful_restore": "harmful_restore.jsonl",
+    "harmful_eval": "harmful_eval.jsonl",
+    "benign_eval": "benign_eval.jsonl",
+    "judge": "judge",
+}
+"""World keys the benchmark reads, and their file names when ``world.json`` has no ``paths`` entry for them."""
+REQUIRED = ("aligned", "unaligned", "direction", "task_train", "task_test", "harmful_attack", "harmful_eval",
+            "benign_eval")
 
 
 def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a directory's files (relative names and contents), memoised by path, size and mtime."""
+    from asft_lightning.fileio import sha256_file
+
+    p = Path(path)
+    stat = p.stat()
+    memo = (str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _DIGESTS:
+        if p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file()):
+                h.update(str(f.relative_to(p)).encode() + b"\0" + sha256_file(f).encode())
+            _DIGESTS[memo] = h.hexdigest()
+        else:
+            _DIGESTS[memo] = sha256_file(p)
+    return _DIGESTS[memo]
+
+
+def world_paths(world: str | os.PathLike, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The files of a world: ``world.json``'s ``paths`` (relative ones resolved against the world), else the default
+    file names of :data:`WORLD_FILES`; ``overrides`` win.
+
+    Raises:
+        FileNotFoundError: no ``world.json``, or a required file missing (named, with the key it came from).
+    """
+    root = Path(world).expanduser()
+    manifest = root / "world.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"--world {str(root)!r}: no world.json; build the world with `asft prepare-demo` (default location "
+            "asft_lightning.paths.default_world_dir()) or pass --world DIR"
+        )
+    listed = json.loads(manifest.read_text()).get("paths") or {}
+    paths: dict[str, str] = {}
+    for key, name in WORLD_FILES.items():
+        value = (overrides or {}).get(key) or listed.get(key) or name
+        paths[key] = value if os.path.isabs(value) else str(root / value)
+    missing = [k for k in REQUIRED if not Path(paths[k]).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"--world {str(root)!r}: missing "
+            + "; ".join(f"{k} ({paths[k]}, from world.json paths.{k} or the default name {WORLD_FILES[k]!r})"
+                        for k in missing)
+            + ". Rebuild the world with `asft prepare-demo`"
+        )
+    if not Path(paths["harmful_restore"]).exists():
+        paths["harmful_restore"] = paths["harmful_attack"]  # an older world: restore on the attack pairs
+    return paths
 
 
 def _decomposition(adapter: Path, subspace: str, full: str) -> dict[str, float]:
@@ -107,226 +196,515 @@ def rotate_direction(src: str | os.PathLike, dst: str | os.PathLike, seed: int =
     atomic_save_safetensors(tensors, Path(dst), header)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    from asft_lightning.fileio import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
 class Bench:
+    """Fine-tunes, projections, restorations and evaluations of the benchmark, each cached by what it depends on."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        world = json.loads((Path(args.world) / "world.json").read_text())
-        self.world_dir = Path(args.world)
-        self.paths = {
-            k: str(self.world_dir / v) if not os.path.isabs(v) else v for k, v in world["paths"].items()
-        }
-        self.work = Path(args.workdir)
+        self.paths = world_paths(args.world, {"harmful_eval": args.harmful_eval} if args.harmful_eval else None)
+        self.work = Path(args.workdir).expanduser()
         self.work.mkdir(parents=True, exist_ok=True)
-        self.settings = {
-            "n": args.n,
-            "p": args.p,
-            "epochs": args.epochs,
-            "lr": args.lr,
-            "batch_size": args.batch_size,
-            "max_length": args.max_length,
-            "seed": args.seed,
-            "lam_safelora": args.lam_safelora,
-            "lam_subspace": args.lam_subspace,
-            "rank": args.rank,
-            "sign_weight": args.sign_weight,
-            "eval_benign": args.eval_benign,
-            "max_new_tokens": args.max_new_tokens,
-        }
+        self.judges = self._judges()
 
-    # ------------------------------------------------------------------------------------------ pieces
-    def subspace_direction(self) -> str:
-        from asft_lightning.direction import extract_direction
+    def _judges(self) -> list[str]:
+        if self.args.judges:
+            return [j.strip() for j in self.args.judges.split(",") if j.strip()]
+        judges = ["keyword"]
+        if Path(self.paths["judge"]).is_dir():
+            judges.append(self.paths["judge"])
+        else:
+            print(f"safety_bench: no second judge at {self.paths['judge']}; HS under the keyword judge only",
+                  file=sys.stderr)
+        return judges
 
-        path = self.work / f"direction_subspace_k{self.args.rank}.safetensors"
-        if not path.is_file():
-            extract_direction(
-                self.paths["aligned"],
-                self.paths["unaligned"],
-                str(path),
-                projector="subspace",
-                rank=self.args.rank,
-                hash_inputs=False,
-            )
-        return str(path)
-
-    def fit(self, name: str, lam: float, direction: str, extra: list[str] | None = None) -> Path:
-        from asft_lightning.cli import lightning_cli
-
-        out = self.work / "runs" / f"{name}-{_key([self.settings, lam, direction, extra])}"
-        adapter = out / "adapter"
-        if (adapter / "adapter_model.safetensors").is_file():
-            return adapter
+    # ------------------------------------------------------------------------------------------ keys
+    def fit_settings(self, seed: int) -> dict[str, Any]:
+        """What every fine-tune depends on: data files (by digest), base model, training settings and the seed."""
         a = self.args
-        lightning_cli(
-            [
-                "fit",
-                f"--model.model={self.paths['aligned']}",
-                f"--model.direction={direction}",
-                f"--model.lam={lam}",
-                f"--model.learning_rate={a.lr}",
-                f"--model.adapter_output={adapter}",
-                f"--data.task_data={self.paths['task_train']}",
-                f"--data.harmful_data={self.paths['harmful_attack']}",
-                f"--data.n={a.n}",
-                f"--data.harmful_ratio={a.p}",
-                "--data.val_size=32",
-                f"--data.max_length={a.max_length}",
-                f"--data.batch_size={a.batch_size}",
-                f"--data.seed={a.seed}",
-                f"--seed_everything={a.seed}",
-                f"--trainer.max_epochs={a.epochs}",
-                f"--trainer.default_root_dir={out}",
-                "--trainer.accelerator=cpu",
-                "--trainer.devices=1",
-                "--trainer.enable_checkpointing=false",
-                "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false",
-                "--trainer.log_every_n_steps=5",
-                *(extra or []),
-            ]
-        )
-        return adapter
-
-    def evaluate(self, adapter: Path | None, tag: str) -> dict[str, Any]:
-        from asft_lightning.evaluate import evaluate
-
-        a = self.args
-        out = self.work / "eval" / tag
-        main = evaluate(
-            model=self.paths["aligned"],
-            output_dir=str(out / "main"),
-            adapter=str(adapter) if adapter else None,
-            harmful_data=self.paths["advbench_eval"],
-            task_data=self.paths["task_test"],
-            batch_size=32,
-            max_new_tokens=a.max_new_tokens,
-            progress=False,
-            verbose=False,
-        )
-        benign = evaluate(
-            model=self.paths["aligned"],
-            output_dir=str(out / "benign"),
-            adapter=str(adapter) if adapter else None,
-            harmful_data=self.paths["benign_eval"],
-            limit=a.eval_benign,
-            batch_size=32,
-            max_new_tokens=a.max_new_tokens,
-            progress=False,
-            verbose=False,
-        )
         return {
-            "HS": main["harmful_score"],
-            "FA": main["fine_tune_accuracy"],
-            "benign_refusal": None if benign["harmful_score"] is None else 100.0 - benign["harmful_score"],
-            "harmful_prompts": main["counts"]["harmful_prompts"],
-            "task_examples": main["counts"].get("task_examples"),
-        }
+            "aligned": digest(self.paths["aligned"]),
+            "task_train": digest(self.paths["task_train"]),
+            "harmful_attack": digest(self.paths["harmful_attack"]),
+            "n": a.n, "p": a.p, "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size,
+            "max_length": a.max_length, "seed": seed,
+        }  # fmt: skip
 
-    # ------------------------------------------------------------------------------------------ methods
+    def eval_settings(self) -> dict[str, Any]:
+        """What every evaluation depends on besides the model: files (by digest), judges, counts, generation."""
+        a = self.args
+        return {
+            "aligned": digest(self.paths["aligned"]),
+            "harmful_eval": digest(self.paths["harmful_eval"]),
+            "benign_eval": digest(self.paths["benign_eval"]),
+            "task_test": digest(self.paths["task_test"]),
+            "judges": [j if j == "keyword" else digest(j) for j in self.judges],
+            "eval_harmful": a.eval_harmful, "eval_benign": a.eval_benign, "eval_task": a.eval_task,
+            "max_new_tokens": a.max_new_tokens, "task_max_new_tokens": a.task_max_new_tokens,
+            "margin": not a.no_margin, "version": 2,
+        }  # fmt: skip
+
     def restore_settings(self) -> dict[str, Any]:
         a = self.args
         return {
-            "harmful": a.restore_harmful, "retain": a.restore_retain, "steps": a.restore_steps,
+            "harmful": digest(self.paths["harmful_restore"]), "retain": digest(self.paths["task_train"]),
+            "num_harmful": a.restore_harmful, "num_retain": a.restore_retain, "steps": a.restore_steps,
             "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
-            "solver": a.solver,
-            **({"target_margin": a.target_margin} if a.target_margin != 0.01 else {}),  # old cache keys stay valid
+            "solver": a.solver, "target_margin": a.target_margin,
         }  # fmt: skip
 
-    def run(self, method: str) -> dict[str, Any]:
-        restoring = method in ("sft_restore_curvature", "sft_restore_first_order", "asft_restore")
-        key = _key([self.settings, self.restore_settings()]) if restoring else _key(self.settings)
-        cache = self.work / "results" / f"{method}-{key}.json"
-        if cache.is_file():
-            return json.loads(cache.read_text())
+    # ------------------------------------------------------------------------------------------ pieces
+    def subspace_direction(self) -> str:
+        """The subspace projector file (top-``rank`` left singular vectors), keyed by both models' digests."""
+        from asft_lightning.direction import extract_direction
+
+        key = _key([digest(self.paths["aligned"]), digest(self.paths["unaligned"]), self.args.rank])
+        path = self.work / "directions" / f"subspace_k{self.args.rank}-{key}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            extract_direction(self.paths["aligned"], self.paths["unaligned"], str(path), projector="subspace",
+                              rank=self.args.rank, hash_inputs=False)
+        return str(path)
+
+    def rotated_direction(self, seed: int) -> str:
+        """The rotated-V control file, keyed by the source direction file's digest and the rotation seed."""
+        full = self.paths["direction"]
+        path = self.work / "directions" / f"rotated_seed{seed}-{_key([digest(full), seed])}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rotate_direction(full, path, seed=seed)
+        return str(path)
+
+    def fit(self, name: str, seed: int, lam: float, direction: str, extra: Sequence[str] = (),
+            uses: dict[str, Any] | None = None) -> tuple[Path, float]:
+        """One ``asft fit`` run, cached by :meth:`fit_settings` plus what this form uses (``uses``)."""
+        from asft_lightning.cli import lightning_cli
+
+        out = self.work / "runs" / f"{name}-seed{seed}-{_key([self.fit_settings(seed), lam, list(extra), uses])}"
+        adapter = out / "adapter"
+        timing = out / "train_seconds.json"
+        if (adapter / "adapter_model.safetensors").is_file() and timing.is_file():
+            return adapter, json.loads(timing.read_text())["seconds"]
+        a = self.args
+        t0 = time.perf_counter()
+        lightning_cli([
+            "fit",
+            f"--model.model={self.paths['aligned']}",
+            f"--model.direction={direction}",
+            f"--model.lam={lam}",
+            f"--model.learning_rate={a.lr}",
+            f"--model.adapter_output={adapter}",
+            f"--data.task_data={self.paths['task_train']}",
+            f"--data.harmful_data={self.paths['harmful_attack']}",
+            f"--data.n={a.n}",
+            f"--data.harmful_ratio={a.p}",
+            "--data.val_size=32",
+            f"--data.max_length={a.max_length}",
+            f"--data.batch_size={a.batch_size}",
+            f"--data.seed={seed}",
+            f"--seed_everything={seed}",
+            f"--trainer.max_epochs={a.epochs}",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.log_every_n_steps=5",
+            *extra,
+        ])  # fmt: skip
+        seconds = round(time.perf_counter() - t0, 1)
+        _write_json(timing, {"seconds": seconds})
+        return adapter, seconds
+
+    def sft(self, seed: int) -> tuple[Path, float]:
+        # lam = 0: the direction only feeds the logged drift ratio, so it is not part of SFT's key.
+        return self.fit("sft", seed, 0.0, self.paths["direction"])
+
+    def asft(self, seed: int) -> tuple[Path, float]:
+        full = self.paths["direction"]
+        return self.fit("asft_safelora", seed, self.args.lam_safelora, full, uses={"direction": digest(full)})
+
+    def evaluate(self, adapter: Path | None) -> dict[str, Any]:
+        """The whole instrument for one model (cached by the adapter's digest and :meth:`eval_settings`)."""
+        from asft_lightning.evaluate import evaluate
+
+        a = self.args
+        settings = self.eval_settings()
+        adapter_digest = digest(adapter / "adapter_model.safetensors") if adapter else None
+        out = self.work / "eval" / _key([settings, adapter_digest])
+        done = out / "result.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        common = {"model": self.paths["aligned"], "adapter": str(adapter) if adapter else None,
+                  "judges": ",".join(self.judges), "batch_size": a.eval_batch_size,
+                  "max_new_tokens": a.max_new_tokens, "progress": a.progress, "verbose": False}
+        t0 = time.perf_counter()
+        main = evaluate(output_dir=str(out / "main"), harmful_data=self.paths["harmful_eval"],
+                        task_data=self.paths["task_test"], limit=a.eval_harmful, task_limit=a.eval_task,
+                        task_max_new_tokens=a.task_max_new_tokens, margin=not a.no_margin, **common)
+        benign = evaluate(output_dir=str(out / "benign"), harmful_data=self.paths["benign_eval"],
+                          limit=a.eval_benign, **common)
+        seconds = round(time.perf_counter() - t0, 1)
+        result = vectors_from_eval(out / "main", out / "benign", main, benign)
+        result["eval_seconds"] = seconds
+        _write_json(done, result)
+        return result
+
+    # ------------------------------------------------------------------------------------------ methods
+    def run(self, method: str, seed: int) -> dict[str, Any]:
+        """One (method, seed) row: train or project or restore, then evaluate; cached as one JSON file."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
         from asft_lightning.restore_command import restore_adapter
         from asft_lightning.safelora import safelora
 
         a = self.args
         full = self.paths["direction"]
-        t0 = time.perf_counter()
         adapter: Path | None = None
+        seconds = 0.0
         extra: dict[str, Any] = {}
         if method == "aligned":
             pass
         elif method == "sft":
-            adapter = self.fit("sft", 0.0, full)
+            adapter, seconds = self.sft(seed)
         elif method == "safelora":
-            sft = self.fit("sft", 0.0, full)
+            sft, _ = self.sft(seed)
+            adapter = self.work / "runs" / f"safelora-seed{seed}-{_key([digest(sft / 'adapter_model.safetensors'), digest(full)])}"
             t0 = time.perf_counter()  # the projection alone; SFT is its own row
-            adapter = self.work / "runs" / f"safelora-{_key(self.settings)}"
-            report = safelora(
-                adapter=str(sft), direction=full, output=str(adapter), num_proj_layers=10, overwrite=True
-            )
+            report_file = adapter / "safelora_report.json"
+            if report_file.is_file() and (adapter / "adapter_model.safetensors").is_file():
+                report = json.loads(report_file.read_text())
+            else:
+                report = safelora(adapter=str(sft), direction=full, output=str(adapter), num_proj_layers=10,
+                                  overwrite=True)
+            seconds = round(time.perf_counter() - t0, 1)
             extra["projected"] = sum(r["projected"] for r in report["modules"].values())
         elif method == "asft_safelora":
-            adapter = self.fit("asft_safelora", a.lam_safelora, full)
+            adapter, seconds = self.asft(seed)
         elif method == "asft_subspace":
-            adapter = self.fit("asft_subspace", a.lam_subspace, self.subspace_direction())
+            sub = self.subspace_direction()
+            adapter, seconds = self.fit("asft_subspace", seed, a.lam_subspace, sub, uses={"direction": digest(sub)})
         elif method == "asft_rotated":
-            rotated = self.work / f"direction_rotated_seed{a.seed}.safetensors"
-            if not rotated.is_file():
-                rotate_direction(full, rotated, seed=a.seed)
-            adapter = self.fit("asft_rotated", a.lam_safelora, str(rotated))
+            rotated = self.rotated_direction(seed)
+            adapter, seconds = self.fit("asft_rotated", seed, a.lam_safelora, rotated,
+                                        uses={"direction": digest(rotated)})
         elif method == "asft_sign":
-            adapter = self.fit("asft_sign", a.lam_safelora, full, [f"--model.sign_weight={a.sign_weight}"])
-        elif method in ("sft_restore_curvature", "sft_restore_first_order", "asft_restore"):
-            src = (
-                self.fit("asft_safelora", a.lam_safelora, full)
-                if method == "asft_restore"
-                else self.fit("sft", 0.0, full)
-            )
+            adapter, seconds = self.fit("asft_sign", seed, a.lam_safelora, full, [f"--model.sign_weight={a.sign_weight}"],
+                                        uses={"direction": digest(full)})
+        else:  # restorations
+            src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
+            key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(), method])
+            adapter = self.work / "runs" / f"{method}-seed{seed}-{key}"
+            report_file = adapter / "restoration_report.json"
             t0 = time.perf_counter()  # the restoration alone
-            adapter = self.work / "runs" / f"{method}-{key}"
-            report = restore_adapter(
-                model=self.paths["aligned"],
-                adapter=str(src),
-                harmful_data=self.paths["harmful_attack"],
-                retain_data=self.paths["task_train"],
-                output=str(adapter),
-                num_harmful=a.restore_harmful,
-                num_retain=a.restore_retain,
-                batch_size=a.batch_size,
-                max_length=a.max_length,
-                method="first_order" if method.endswith("first_order") else "curvature",
-                max_steps=a.restore_steps,
-                trust_region=a.trust_region,
-                task_loss_budget=a.task_loss_budget,
-                cg_max_iter=a.cg_max_iter,
-                solver=a.solver,
-                target_margin=a.target_margin,
-                overwrite=True,
-                progress=False,
-            )
+            if report_file.is_file():
+                report = json.loads(report_file.read_text())
+            else:
+                report = restore_adapter(
+                    model=self.paths["aligned"], adapter=str(src), harmful_data=self.paths["harmful_restore"],
+                    retain_data=self.paths["task_train"], output=str(adapter), num_harmful=a.restore_harmful,
+                    num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length,
+                    method="first_order" if method.endswith("first_order") else "curvature",
+                    max_steps=a.restore_steps, trust_region=a.trust_region, task_loss_budget=a.task_loss_budget,
+                    cg_max_iter=a.cg_max_iter, solver=a.solver, target_margin=a.target_margin, overwrite=True,
+                    progress=False,
+                )
+            seconds = round(time.perf_counter() - t0, 1)
             res = report["result"]
             extra.update(
-                restore_settings=self.restore_settings(),
-                restored=res["restored"],
-                restore_steps=len(res["records"]),
-                stop_reason=res["stop_reason"],
+                stop_reason=res["stop_reason"], restore_steps=len(res["records"]),
                 harmful_loss=[res["initial_harmful_loss"], res["final_harmful_loss"]],
                 reference_harmful_loss=res["reference_harmful_loss"],
                 task_loss=[res["initial_task_loss"], res["final_task_loss"]],
-            )
-        else:
-            raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-        train_seconds = time.perf_counter() - t0
-        scores = self.evaluate(adapter, f"{method}-{key}")
+            )  # fmt: skip
+        row_key = _key([method, seed, digest(adapter / "adapter_model.safetensors") if adapter else None,
+                        self.eval_settings()])
+        cache = self.work / "rows" / f"{method}-seed{seed}-{row_key}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        scores = self.evaluate(adapter)
         if adapter is not None:
-            scores.update(_decomposition(adapter, self.subspace_direction(), full))
-        result = {
-            "method": method,
-            "what": METHODS[method],
-            "seconds": round(train_seconds, 1),
-            **scores,
-            **extra,
-            "settings": self.settings,
-        }
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(result, indent=2))
+            extra.update(_decomposition(adapter, self.subspace_direction(), full))
+        result = {"method": method, "seed": seed, "train_seconds": seconds,
+                  "seconds": round(seconds + scores["eval_seconds"], 1), **scores, "extra": extra}
+        _write_json(cache, result)
         return result
 
 
-def spectrum_section(direction_json: Path, subspace_json: Path) -> list[str]:
+def vectors_from_eval(main_dir: Path, benign_dir: Path, main: dict[str, Any], benign: dict[str, Any]) -> dict[str, Any]:
+    """Per-prompt vectors of one model's evaluation (the input of the bootstrap), from ``generations.jsonl``.
+
+    Returns ``{"judges": [labels], "hs": {label: [0/1 per harmful prompt]}, "benign_refused": {label: [0/1]},
+    "fa": [0/1 per task example], "margin": [nats per token] or None, "harmful_sources": [...],
+    "harmful_categories": [...]}``, prompts in file order.
+    """
+    judges = [j["label"] for j in main["judges"]]
+
+    def verdicts(rows: list[dict[str, Any]], label: str) -> list[int]:
+        return [int(r["verdicts"][label] if "verdicts" in r else r["harmful"]) for r in rows]
+
+    def read(path: Path, source: str) -> list[dict[str, Any]]:
+        rows = [json.loads(x) for x in (path / "generations.jsonl").read_text().splitlines() if x.strip()]
+        return sorted((r for r in rows if r["source"] == source), key=lambda r: r["row"])
+
+    harmful, task = read(main_dir, "harmful"), read(main_dir, "task")
+    benign_rows = read(benign_dir, "harmful")
+    margin = [r["margin"] for r in harmful] if harmful and "margin" in harmful[0] else None
+    return {
+        "judges": judges,
+        "hs": {j: verdicts(harmful, j) for j in judges},
+        "benign_refused": {j: [1 - v for v in verdicts(benign_rows, j)] for j in judges},
+        "fa": [int(r["correct"]) for r in task],
+        "margin": margin,
+        "harmful_sources": [r.get("prompt_source") for r in harmful],
+        "harmful_categories": [r.get("category") for r in harmful],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics over rows
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[int] | Sequence[float]) -> list[float]:
+    return [100.0 * v for v in values]
+
+
+def _round(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(float(x), digits)
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    import numpy as np
+
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    import numpy as np
+
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        v = np.asarray(v, dtype=float)
+        order = v.argsort(kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):  # ties share their mean rank
+            r[v == value] = r[v == value].mean()
+        return r
+
+    return _pearson(list(ranks(x)), list(ranks(y))) if len(x) >= 3 else None
+
+
+def aggregate(results: Sequence[dict[str, Any]], seeds: Sequence[int], replicates: int = 10_000) -> dict[str, Any]:
+    """The ``safety.json`` object from per-(method, seed) results (see the module docstring and issue 10).
+
+    Args:
+        results: Outputs of :meth:`Bench.run` (``method``, ``seed``, ``seconds``, per-prompt vectors); a
+            seed-free method (:data:`SEED_FREE`) may appear once.
+        seeds: The seeds asked for, in order.
+        replicates: Bootstrap replicates.
+
+    Returns:
+        ``{"eval", "seeds", "rows", "margin_hs_correlation", "details"}``: ``rows`` hold exactly the fields of
+        issue 10 (rates in percent, ``None`` where a figure does not exist, e.g. no SFT row to pair with);
+        ``details`` the per-method extras (per-judge benign refusal, margin interval, HS per source, reading).
+    """
+    from asft_lightning.stats import bootstrap_mean, bootstrap_paired_difference
+
+    if not results:
+        raise ValueError("aggregate needs at least one result")
+    by_method: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], {})[r["seed"]] = r
+    first = results[0]
+    judges = first["judges"]
+    j1, j2 = judges[0], (judges[1] if len(judges) > 1 else None)
+    for r in results:
+        if r["judges"] != judges or len(r["fa"]) != len(first["fa"]) or len(r["hs"][j1]) != len(first["hs"][j1]):
+            raise ValueError(
+                f"row {r['method']} seed {r['seed']} was evaluated on another instrument (judges {r['judges']}, "
+                f"{len(r['hs'][r['judges'][0]])} harmful prompts, {len(r['fa'])} task examples) than "
+                f"{first['method']} seed {first['seed']} ({judges}, {len(first['hs'][j1])}, {len(first['fa'])})"
+            )
+    sft = by_method.get("sft", {})
+
+    def matrix(runs: dict[int, dict[str, Any]], get: Any, use_seeds: Sequence[int] | None = None) -> list[list[float]]:
+        if use_seeds is None:
+            return [get(runs[s]) for s in sorted(runs, key=_seed_order(seeds))]
+        return [get(runs[s] if s in runs else next(iter(runs.values()))) for s in use_seeds]
+
+    rows, details = [], {}
+    order = [m for m in METHODS if m in by_method] + [m for m in by_method if m not in METHODS]
+    for method in order:
+        runs = by_method[method]
+        hs = lambda r, j=j1: _pct(r["hs"][j])  # noqa: E731
+        fa = lambda r: _pct(r["fa"])  # noqa: E731
+        hs_ci = bootstrap_mean(matrix(runs, hs), replicates=replicates)
+        fa_ci = bootstrap_mean(matrix(runs, fa), replicates=replicates)
+        hs2 = bootstrap_mean(matrix(runs, lambda r: _pct(r["hs"][j2])), replicates=replicates) if j2 else None
+        benign = {j: bootstrap_mean(matrix(runs, lambda r, j=j: _pct(r["benign_refused"][j])), replicates=replicates)
+                  for j in judges}
+        has_margin = all(r.get("margin") is not None for r in runs.values())
+        margin = bootstrap_mean(matrix(runs, lambda r: r["margin"]), replicates=replicates) if has_margin else None
+        paired = [s for s in seeds if s in sft and (s in runs or method in SEED_FREE)]
+        d_hs = d_fa = None
+        if paired:
+            d_hs = bootstrap_paired_difference(matrix(runs, hs, paired), matrix(sft, hs, paired), replicates=replicates)
+            d_fa = bootstrap_paired_difference(matrix(runs, fa, paired), matrix(sft, fa, paired), replicates=replicates)
+        seconds = sum(r["seconds"] for r in runs.values()) / len(runs)
+        rows.append({
+            "method": method,
+            "hs": _round(hs_ci.mean), "hs_ci": hs_ci.as_list(2),
+            "hs_judge2": _round(hs2.mean) if hs2 else None,
+            "fa": _round(fa_ci.mean), "fa_ci": fa_ci.as_list(2),
+            "benign_refusal": _round(benign[j1].mean),
+            "margin": _round(margin.mean, 4) if margin else None,
+            "d_hs_vs_sft": _round(d_hs.mean) if d_hs else None, "d_hs_ci": d_hs.as_list(2) if d_hs else None,
+            "d_fa_vs_sft": _round(d_fa.mean) if d_fa else None, "d_fa_ci": d_fa.as_list(2) if d_fa else None,
+            "seconds": round(seconds, 1),
+        })  # fmt: skip
+        sources = first.get("harmful_sources") or []
+        per_source = {}
+        for src in sorted({s for s in sources if s is not None}):
+            idx = {i for i, s in enumerate(sources) if s == src}
+            cells = [v for r in runs.values() for i, v in enumerate(r["hs"][j1]) if i in idx]
+            per_source[src] = round(100.0 * sum(cells) / len(cells), 2)
+        details[method] = {
+            "what": METHODS.get(method, method),
+            "seeds": sorted(runs, key=_seed_order(seeds)),
+            "hs_judge2_ci": hs2.as_list(2) if hs2 else None,
+            "benign_refusal_by_judge": {j: {"rate": _round(b.mean), "ci": b.as_list(2)} for j, b in benign.items()},
+            "margin_ci": margin.as_list(4) if margin else None,
+            "hs_by_source": per_source,
+            "paired_seeds": paired,
+            "reading": reading(method, d_hs, d_fa),
+            "train_seconds": round(sum(r.get("train_seconds", 0.0) for r in runs.values()) / len(runs), 1),
+            "extra": {str(s): r.get("extra", {}) for s, r in runs.items()},
+        }
+    with_margin = [r for r in rows if r["margin"] is not None]
+    xs, ys = [r["margin"] for r in with_margin], [r["hs"] for r in with_margin]
+    cells = [(r["margin"], 100.0 * sum(r["hs"][j1]) / len(r["hs"][j1])) for r in results if r.get("margin") is not None]
+    cell_margin = [sum(m) / len(m) for m, _ in cells]
+    correlation = {
+        "pearson": _round(_pearson(xs, ys), 3), "spearman": _round(_spearman(xs, ys), 3), "rows": len(with_margin),
+        "pearson_over_seed_rows": _round(_pearson(cell_margin, [h for _, h in cells]), 3),
+        "seed_rows": len(cells),
+        "note": "across the table's rows: mean margin (nats/token) vs HS (%, first judge); a safer row should have "
+                "a larger margin and a lower HS, so a useful margin correlates negatively",
+    }  # fmt: skip
+    sources = first.get("harmful_sources") or []
+    eval_block = {
+        "harmful_prompts": len(first["hs"][j1]),
+        "harmful_sources": sorted({s for s in sources if s is not None}),
+        "benign_prompts": len(first["benign_refused"][j1]),
+        "task_examples": len(first["fa"]),
+        "judges": list(judges),
+    }
+    return {"eval": eval_block, "seeds": list(seeds), "rows": rows, "margin_hs_correlation": correlation,
+            "details": details}
+
+
+def _seed_order(seeds: Sequence[int]) -> Any:
+    pos = {s: i for i, s in enumerate(seeds)}
+    return lambda s: (pos.get(s, len(pos)), str(s))
+
+
+def reading(method: str, d_hs: Any, d_fa: Any) -> str:
+    """The paired comparison with SFT in words; an interval containing 0 is called not distinguishable."""
+    if method == "sft":
+        return "the reference"
+    if d_hs is None:
+        return "no SFT row of the same seeds to compare with"
+
+    def one(name: str, d: Any, better: str) -> str:
+        if d.crosses_zero():
+            return f"{name}: interval crosses 0, not distinguishable from SFT"
+        lower = d.hi < 0
+        good = (better == "lower") == lower
+        return f"{name} {'lower' if lower else 'higher'} than SFT ({'better' if good else 'worse'})"
+
+    return "; ".join([one("HS", d_hs, "lower"), one("FA", d_fa, "higher")])
+
+
+def _ci(value: float | None, ci: Sequence[float] | None, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else f"{value:.{digits}f}"
+
+
+def render_markdown(summary: dict[str, Any], header: Sequence[str] = ()) -> str:
+    """``safety.md`` from :func:`aggregate`'s object: the main table with intervals and readings, HS per source."""
+    e, rows, details = summary["eval"], summary["rows"], summary["details"]
+    j2 = e["judges"][1] if len(e["judges"]) > 1 else None
+    lines = list(header) + [
+        f"Instrument: {e['harmful_prompts']} held-out harmful prompts ({', '.join(e['harmful_sources']) or 'one source'}), "
+        f"{e['benign_prompts']} benign prompts, {e['task_examples']} task test examples; judges: "
+        f"{', '.join(f'`{j}`' for j in e['judges'])}; seeds {', '.join(map(str, summary['seeds']))}.",
+        "",
+        "Every figure is a mean over seeds and prompts with its 95% percentile-bootstrap interval (prompts and seeds "
+        "resampled); changes are paired with SFT of the same seed on the same prompts. HS: % of harmful prompts "
+        "answered (judge 1" + (", and judge 2 in its own column" if j2 else "") + "), lower is better. FA: % of "
+        "task examples right. Benign refusal: % of benign prompts refused (judge 1). Margin: mean log-likelihood "
+        "per token of the fixed refusal minus that of the fixed compliant answer (nats; higher = prefers refusing).",
+        "",
+        "| method | seeds | HS | " + ("HS judge 2 | " if j2 else "") + "FA | benign refusal | margin | "
+        "HS change vs SFT | FA change vs SFT | reading | s per seed |",
+        "|---|---|---|" + ("---|" if j2 else "") + "---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = details[r["method"]]
+        cells = [
+            r["method"], str(len(d["seeds"])), _ci(r["hs"], r["hs_ci"]),
+            *([_ci(r["hs_judge2"], d["hs_judge2_ci"])] if j2 else []),
+            _ci(r["fa"], r["fa_ci"]), f"{r['benign_refusal']:.1f}", _ci(r["margin"], d["margin_ci"], 3),
+            _ci(r["d_hs_vs_sft"], r["d_hs_ci"]), _ci(r["d_fa_vs_sft"], r["d_fa_ci"]), d["reading"],
+            f"{r['seconds']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    c = summary["margin_hs_correlation"]
+    lines += [
+        "",
+        f"Margin vs HS across the {c['rows']} rows: Pearson {c['pearson']}, Spearman {c['spearman']} "
+        f"(over the {c['seed_rows']} method x seed rows: Pearson {c['pearson_over_seed_rows']}).",
+    ]
+    sources = e["harmful_sources"]
+    if len(sources) > 1:
+        lines += ["", "HS per harmful source (judge 1, mean over seeds):", "",
+                  "| method | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+        for r in rows:
+            per = details[r["method"]]["hs_by_source"]
+            lines.append(f"| {r['method']} | " + " | ".join(f"{per.get(s, float('nan')):.1f}" for s in sources) + " |")
+    notes = []
+    for r in rows:
+        for seed, extra in details[r["method"]]["extra"].items():
+            if "stop_reason" in extra:
+                notes.append(
+                    f"- {r['method']} seed {seed}: {extra['stop_reason']}; harmful loss {extra['harmful_loss'][0]:.3f} -> "
+                    f"{extra['harmful_loss'][1]:.3f} (reference {extra['reference_harmful_loss']:.3f}); task loss "
+                    f"{extra['task_loss'][0]:.3f} -> {extra['task_loss'][1]:.3f}; {extra['restore_steps']} steps"
+                )
+            if "projected" in extra:
+                notes.append(f"- {r['method']} seed {seed}: {extra['projected']} modules projected")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def spectrum_section(direction_json: Path, subspace_json: Path | None = None) -> list[str]:
     """Markdown lines summarising the spectrum of ``V`` and of the published ``C = V V^T / ||V||_F`` per module."""
     import statistics
 
@@ -335,9 +713,9 @@ def spectrum_section(direction_json: Path, subspace_json: Path) -> list[str]:
     eig = [m["top_C_eigenvalue_safelora"] for m in full.values()]
     top8 = [sum(s * s for s in m["top_singular_values"]) / m["norm"] ** 2 for m in full.values() if m["norm"] > 0]
     top1 = [m["top_singular_values"][0] ** 2 / m["norm"] ** 2 for m in full.values() if m["norm"] > 0]
-    lines = [
+    return [
         "",
-        f"## Spectrum of the alignment direction ({len(full)} modules, from `{direction_json.name}`'s sidecar)",
+        f"## Spectrum of the alignment direction ({len(full)} modules, from `{direction_json.name}`)",
         "",
         "| quantity | min | median | max |",
         "|---|---|---|---|",
@@ -348,179 +726,65 @@ def spectrum_section(direction_json: Path, subspace_json: Path) -> list[str]:
         f"| share of ||V_l||^2 in the top 8 singular values | {min(top8):.3f} | {statistics.median(top8):.3f} | "
         f"{max(top8):.3f} |",
     ]
-    if subspace_json.is_file():
-        meta = json.loads(subspace_json.read_text())
-        lines.append(f"\nThe subspace projector keeps the top {json.loads(meta['projector'])['rank'] if isinstance(meta['projector'], str) else meta['projector']['rank']} left singular vectors per module (P = U_k U_k^T, eigenvalues exactly 0 or 1).")
-    lines.append(
-        "\nWith the published C every eigenvalue is at most the largest value above, so (I - C) is close to I and the "
-        "published penalty acts almost as plain weight decay on B A; that is the measured reason the published "
-        "projector barely changes the update's direction here."
-    )
-    return lines
 
 
-def report(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def write_outputs(summary: dict[str, Any], markdown: str, out_json: Path | None, out_md: Path | None) -> None:
+    """Write ``safety.json`` and ``safety.md`` atomically (either may be ``None``: not written)."""
+    from asft_lightning.fileio import atomic_write_text
+
+    for path, text in ((out_json, json.dumps(summary, indent=2) + "\n"), (out_md, markdown)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(text, path)
+
+
+def _header(args: argparse.Namespace, bench: Bench) -> list[str]:
     import torch
 
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    fmt = lambda v: "" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [
-        "| method | HS | FA | benign refusal | wall s | share of dW in V's top-k subspace | sum <dW,V>/||V|| |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        share = r.get("share_in_subspace")
-        lines.append(
-            f"| {r['method']} | {fmt(r['HS'])} | {fmt(r['FA'])} | {fmt(r['benign_refusal'])} | {fmt(r['seconds'])} | "
-            f"{'' if share is None else f'{100 * share:.1f}%'} | "
-            f"{'' if r.get('signed_along_V') is None else format(r['signed_along_V'], '.4f')} |"
-        )
-    s = results[0]["settings"] if results else {}
-    head = [
-        "# Safety benchmark on the offline world (issues 3 and 4)",
-        "",
-        "HS: % of held-out AdvBench prompts answered instead of refused (keyword judge, GCG prefixes), lower is "
-        "better. FA: % of the 4-way source-classification test split right, higher is better. Benign refusal: % "
-        "of held-out benign prompts refused. Wall s: fine-tuning time (for Safe LoRA and restoration rows: the "
-        "projection / restoration alone).",
+    cpu = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((x.split(":", 1)[1].strip() for x in cpuinfo.read_text().splitlines() if x.startswith("model name")),
+                   cpu)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out_md", "out_json", "progress")}
+    return [
+        "# Safety benchmark on the offline world (issue 10)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU",
+        f"- machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         f"- command: `python benchmarks/safety_bench.py {' '.join(sys.argv[1:])}`",
-        f"- setting: {json.dumps(s)}",
+        f"- world: `{args.world}`; settings: `{json.dumps(settings, default=str)}`",
         "",
     ]
-    notes = []
-    for r in results:
-        if "stop_reason" in r:
-            notes.append(
-                f"- {r['method']}: {r['stop_reason']}; harmful loss {r['harmful_loss'][0]:.3f} -> "
-                f"{r['harmful_loss'][1]:.3f} (reference {r['reference_harmful_loss']:.3f}); task loss "
-                f"{r['task_loss'][0]:.3f} -> {r['task_loss'][1]:.3f}; {r['restore_steps']} steps; restoration "
-                f"settings {json.dumps(r.get('restore_settings'))}"
-            )
-        if "projected" in r:
-            notes.append(f"- {r['method']}: {r['projected']} modules projected")
-    spectrum = []
-    world = Path(args.world) / "world.json"
-    if world.is_file():
-        direction = Path(json.loads(world.read_text())["paths"]["direction"])
-        direction = direction if direction.is_absolute() else Path(args.world) / direction
-        sidecar = direction.with_name(direction.name + ".json")
-        if sidecar.is_file():
-            spectrum = spectrum_section(sidecar, Path(args.workdir) / f"direction_subspace_k{args.rank}.safetensors.json")
-    return "\n".join(head + lines + ([""] + notes if notes else []) + spectrum) + "\n"
 
 
-def sweep_report(rows: list[tuple[str, str, dict[str, Any]]], args: argparse.Namespace, title: str) -> str:
-    """A Markdown table of a sweep: one row per (varied setting, method)."""
-    fmt = lambda v: "" if v is None else (f"{v:.1f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [
-        f"## {title}",
-        "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python benchmarks/safety_bench.py {' '.join(sys.argv[1:])}`",
-        f"- base setting: {json.dumps(rows[0][2]['settings']) if rows else '{}'}",
-        "",
-        "| varied | method | HS | FA | benign refusal | wall s | share of dW in V's top-k subspace | sum <dW,V>/||V|| |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for varied, method, r in rows:
-        share = r.get("share_in_subspace")
-        lines.append(
-            f"| {varied} | {method} | {fmt(r['HS'])} | {fmt(r['FA'])} | {fmt(r['benign_refusal'])} | "
-            f"{fmt(r['seconds'])} | {'' if share is None else f'{100 * share:.1f}%'} | "
-            f"{'' if r.get('signed_along_V') is None else format(r['signed_along_V'], '.4f')} |"
-        )
-    return "\n".join(lines) + "\n"
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from asft_lightning.paths import cache_root, default_world_dir
 
-
-def seed_summary(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
-    """Mean and sample standard deviation over seeds per method, and each method's paired HS / FA change from SFT.
-
-    The pairing is by seed (same data draw and initialisation), which removes the seed-to-seed spread the methods
-    share; a change is only listed for seeds where ``sft`` ran too.
-    """
-    import statistics
-
-    by_method: dict[str, dict[str, dict[str, Any]]] = {}
-    for varied, method, r in rows:
-        by_method.setdefault(method, {})[varied] = r
-    sft = by_method.get("sft", {})
-
-    def stats(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-    lines = [
-        "",
-        "### Over seeds (mean ± sample sd; change: paired with SFT of the same seed)",
-        "",
-        "| method | seeds | HS | FA | HS change vs SFT | FA change vs SFT | HS cut vs SFT |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, runs in by_method.items():
-        hs = [r["HS"] for r in runs.values()]
-        fa = [r["FA"] for r in runs.values()]
-        paired = [k for k in runs if k in sft]
-        if method != "sft" and paired:
-            d_hs = [runs[k]["HS"] - sft[k]["HS"] for k in paired]
-            d_fa = [runs[k]["FA"] - sft[k]["FA"] for k in paired]
-            cut = 100 * -sum(d_hs) / sum(sft[k]["HS"] for k in paired)
-            change = f"{stats(d_hs)} | {stats(d_fa)} | {cut:.0f}%"
-        else:
-            change = " |  | "
-        lines.append(f"| {method} | {len(runs)} | {stats(hs)} | {stats(fa)} | {change} |")
-    return lines
-
-
-def run_sweep(args: argparse.Namespace) -> None:
-    """``--sweep NAME=v1,v2,...``: run ``--methods`` once per value of one setting (e.g. ``lam_subspace``, ``p``)."""
-    name, _, values = args.sweep.partition("=")
-    if not hasattr(args, name) or not values:
-        raise SystemExit(f"--sweep wants NAME=v1,v2,... with NAME one of the settings (e.g. p, lam_subspace), got {args.sweep!r}")
-    kind = type(getattr(args, name))
-    rows = []
-    for value in values.split(","):
-        sub = argparse.Namespace(**{**vars(args), name: kind(value)})
-        bench = Bench(sub)
-        for method in args.methods.split(","):
-            rows.append((f"{name}={value}", method.strip(), bench.run(method.strip())))
-            text = sweep_report(rows, args, f"Sweep over {name}")
-            if name == "seed":
-                text += "\n".join(seed_summary(rows)) + "\n"
-            print(text, flush=True)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(text)
-
-
-def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", default=".cache/asft-world")
-    p.add_argument("--workdir", default=".cache/safety-bench")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--world", default=str(default_world_dir()), help="world folder (asft prepare-demo)")
+    p.add_argument("--workdir", default=str(cache_root() / "safety-bench"), help="cache of runs, evaluations, rows")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--seeds", default="42,1,2", help="comma-separated seeds (data draw and initialisation)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--p", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_length", type=int, default=160)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--lam_safelora", type=float, default=1.0)
     p.add_argument("--lam_subspace", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sign_weight", type=float, default=10.0)
-    p.add_argument("--eval_benign", type=int, default=50)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--judges", default=None, help="comma-separated judges; default: keyword + the world's judge/")
+    p.add_argument("--harmful_eval", default=None, help="override the world's harmful_eval.jsonl")
+    p.add_argument("--eval_harmful", type=int, default=None, help="first N harmful prompts (default: all)")
+    p.add_argument("--eval_benign", type=int, default=None, help="first N benign prompts (default: all)")
+    p.add_argument("--eval_task", type=int, default=None, help="first N task test examples (default: all)")
+    p.add_argument("--eval_batch_size", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=32, help="new tokens per harmful / benign prompt")
+    p.add_argument("--task_max_new_tokens", type=int, default=8, help="new tokens per task example")
+    p.add_argument("--no_margin", action="store_true", help="skip the margin score")
     p.add_argument("--restore_harmful", type=int, default=64)
     p.add_argument("--restore_retain", type=int, default=64)
     p.add_argument("--restore_steps", type=int, default=10)
@@ -529,25 +793,48 @@ def main() -> None:
     p.add_argument("--cg_max_iter", type=int, default=10)
     p.add_argument("--solver", choices=["cg", "lbfgs"], default="cg")
     p.add_argument("--target_margin", type=float, default=0.01, help="restoration stop: reference - margin")
+    p.add_argument("--replicates", type=int, default=10_000, help="bootstrap replicates")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--sweep", default=None, help="NAME=v1,v2,...: run --methods once per value of setting NAME")
-    args = p.parse_args()
+    p.add_argument("--progress", action="store_true", help="progress bars for the evaluations")
+    p.add_argument("--out_md", type=Path, default=REPO / "benchmarks" / "results" / "safety.md")
+    p.add_argument("--out_json", type=Path, default=REPO / "benchmarks" / "results" / "safety.json")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m.strip() not in METHODS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    try:
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds wants comma-separated integers, got {args.seeds!r}")
+    if not args.seed_list:
+        p.error("--seeds is empty")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.sweep:
-        run_sweep(args)
-        return
     bench = Bench(args)
-    results = []
-    for method in args.methods.split(","):
-        results.append(bench.run(method.strip()))
-        text = report(results, args)
-        print(text, flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
+    header = _header(args, bench)
+    sidecar = Path(bench.paths["direction"] + ".json")
+    spectrum = spectrum_section(sidecar) if sidecar.is_file() else []
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for seed in args.seed_list:  # seed-major: after the first pass every method has one row
+        for method in (m.strip() for m in args.methods.split(",")):
+            if method in SEED_FREE and any(r["method"] == method for r in results):
+                continue
+            t0 = time.perf_counter()
+            results.append(bench.run(method, seed))
+            print(f"safety_bench: {method} seed {seed} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            summary = aggregate(results, args.seed_list, replicates=args.replicates)
+            write_outputs(summary, render_markdown(summary, header) + "\n".join(spectrum) + "\n", args.out_json,
+                          args.out_md)
+    if summary:
+        print(render_markdown(summary, header))
+    return summary
 
 
 if __name__ == "__main__":

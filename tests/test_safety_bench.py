@@ -1,10 +1,15 @@
-"""``benchmarks/safety_bench.py``: the summary over seeds on hand-made rows with known statistics."""
+"""``benchmarks/safety_bench.py``: statistics and the safety.json / safety.md writers on hand-made rows, the world's
+file lookup, cache keys, the rotated control direction, and one tiny end-to-end run."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("safety_bench", REPO / "benchmarks" / "safety_bench.py")
@@ -12,27 +17,175 @@ sb = importlib.util.module_from_spec(_spec)
 sys.modules["safety_bench"] = sb
 _spec.loader.exec_module(sb)
 
+ROW_KEYS = {"method", "hs", "hs_ci", "hs_judge2", "fa", "fa_ci", "benign_refusal", "margin", "d_hs_vs_sft", "d_hs_ci",
+            "d_fa_vs_sft", "d_fa_ci", "seconds"}
+N = 40  # harmful prompts per row (two sources of 20)
 
-def _row(seed: int, method: str, hs: float, fa: float):
-    return (f"seed={seed}", method, {"HS": hs, "FA": fa})
+
+def _result(method, seed, hs, fa, margin=None, hs2=None, benign=None, seconds=10.0):
+    """A Bench.run-like result with per-prompt 0/1 vectors."""
+    return {
+        "method": method, "seed": seed, "seconds": seconds, "train_seconds": seconds - 1, "eval_seconds": 1.0,
+        "judges": ["keyword", "judge"],
+        "hs": {"keyword": list(hs), "judge": list(hs if hs2 is None else hs2)},
+        "benign_refused": {"keyword": list(benign or [0] * 10), "judge": list(benign or [0] * 10)},
+        "fa": list(fa),
+        "margin": None if margin is None else list(margin),
+        "harmful_sources": ["a"] * 20 + ["b"] * 20,
+        "harmful_categories": ["x"] * N,
+        "extra": {},
+    }  # fmt: skip
 
 
-def test_seed_summary_means_sds_and_paired_changes():
-    rows = [
-        _row(1, "sft", 30.0, 40.0), _row(1, "asft", 24.0, 41.0),
-        _row(2, "sft", 20.0, 50.0), _row(2, "asft", 18.0, 47.0),
-        _row(3, "sft", 25.0, 45.0), _row(3, "asft", 20.0, 45.0),
-        _row(1, "aligned", 6.0, 22.0),  # one seed: no sd
-        _row(4, "other", 10.0, 10.0),  # no SFT of seed 4: no paired change
+def _vec(ones: int, n: int = N) -> list[int]:
+    return [1] * ones + [0] * (n - ones)
+
+
+def _hand_made():
+    rng = np.random.default_rng(0)
+    results = []
+    for seed in (42, 1, 2):
+        sft_hs = (rng.random(N) < 0.5).astype(int)
+        fa = (rng.random(60) < 0.6).astype(int)
+        results.append(_result("sft", seed, sft_hs, fa, margin=rng.normal(-1, 0.1, N)))
+        # AsFT: exactly SFT's verdicts and answers (no change at all).
+        results.append(_result("asft_safelora", seed, sft_hs, fa, margin=rng.normal(-1, 0.1, N)))
+        # A restoration that turns every harmful answer into a refusal, same FA.
+        results.append(_result("sft_restore_curvature", seed, np.zeros(N, int), fa, margin=rng.normal(1, 0.1, N)))
+    results.insert(0, _result("aligned", 42, _vec(2), _vec(12, 60), margin=rng.normal(2, 0.1, N)))
+    return results
+
+
+def test_aggregate_shape_values_and_pairing():
+    results = _hand_made()
+    summary = sb.aggregate(results, [42, 1, 2], replicates=2000)
+    assert summary["eval"] == {"harmful_prompts": N, "harmful_sources": ["a", "b"], "benign_prompts": 10,
+                               "task_examples": 60, "judges": ["keyword", "judge"]}
+    assert summary["seeds"] == [42, 1, 2]
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert [r["method"] for r in summary["rows"]] == ["aligned", "sft", "asft_safelora", "sft_restore_curvature"]
+    assert all(set(r) == ROW_KEYS for r in summary["rows"])
+    sft_hs = 100 * np.mean([r["hs"]["keyword"] for r in results if r["method"] == "sft"])
+    assert rows["sft"]["hs"] == pytest.approx(sft_hs, abs=0.01)
+    assert rows["sft"]["hs_ci"][0] < rows["sft"]["hs"] < rows["sft"]["hs_ci"][1]
+    # SFT against itself, and a method identical to SFT: exactly 0 with a [0, 0] interval.
+    for m in ("sft", "asft_safelora"):
+        assert (rows[m]["d_hs_vs_sft"], rows[m]["d_hs_ci"], rows[m]["d_fa_vs_sft"], rows[m]["d_fa_ci"]) == (
+            0.0, [0.0, 0.0], 0.0, [0.0, 0.0])
+    assert "interval crosses 0" in summary["details"]["asft_safelora"]["reading"]
+    assert summary["details"]["sft"]["reading"] == "the reference"
+    # HS 0 on every prompt: the change is minus SFT's HS, its interval below 0, said in words.
+    restore = rows["sft_restore_curvature"]
+    assert restore["hs"] == 0.0 and restore["d_hs_vs_sft"] == pytest.approx(-sft_hs, abs=0.01)
+    assert restore["d_hs_ci"][1] < 0
+    reading = summary["details"]["sft_restore_curvature"]["reading"]
+    assert reading.startswith("HS lower than SFT (better)") and "FA: interval crosses 0" in reading
+    # The seed-free aligned row: one evaluation, paired with SFT of every seed.
+    aligned = rows["aligned"]
+    assert summary["details"]["aligned"]["seeds"] == [42] and summary["details"]["aligned"]["paired_seeds"] == [42, 1, 2]
+    assert aligned["hs"] == 5.0 and aligned["d_hs_vs_sft"] == pytest.approx(5.0 - sft_hs, abs=0.01)
+    assert aligned["fa"] == 20.0 and aligned["hs_judge2"] == 5.0
+    assert summary["details"]["aligned"]["hs_by_source"] == {"a": 10.0, "b": 0.0}
+    assert rows["sft"]["seconds"] == 10.0
+
+
+def test_margin_correlation_and_missing_sft():
+    results = [
+        _result("aligned", 42, _vec(0), _vec(30, 60), margin=[2.0] * N),
+        _result("sft", 42, _vec(30), _vec(30, 60), margin=[-1.0] * N),
+        _result("asft_safelora", 42, _vec(20), _vec(30, 60), margin=[0.0] * N),
+        _result("safelora", 42, _vec(10), _vec(30, 60), margin=[1.0] * N),
     ]
-    table = {line.split(" | ")[0].strip("| "): line for line in sb.seed_summary(rows) if line.startswith("| ")}
-    # sft: HS mean 25, sd 5; FA mean 45, sd 5.
-    assert table["sft"] == "| sft | 3 | 25.0 ± 5.0 | 45.0 ± 5.0 |  |  |  |"
-    # asft: HS 24/18/20 -> mean 20.67, sd 3.06; FA 41/47/45 -> 44.33, 3.06; HS change -6/-2/-5 -> -4.33 ± 2.08,
-    # FA change +1/-3/0 -> -0.67 ± 2.08; cut 13/75 = 17%.
-    assert table["asft"] == "| asft | 3 | 20.7 ± 3.1 | 44.3 ± 3.1 | -4.3 ± 2.1 | -0.7 ± 2.1 | 17% |"
-    assert table["aligned"] == "| aligned | 1 | 6.0 | 22.0 | -24.0 | -18.0 | 80% |"
-    assert table["other"] == "| other | 1 | 10.0 | 10.0 |  |  |  |"
+    c = sb.aggregate(results, [42], replicates=500)["margin_hs_correlation"]
+    assert c["pearson"] == pytest.approx(-1.0) and c["spearman"] == pytest.approx(-1.0) and c["rows"] == 4
+    assert c["pearson_over_seed_rows"] == pytest.approx(-1.0) and c["seed_rows"] == 4
+    # Without an SFT row nothing can be paired: the change fields are None, the reading says why.
+    summary = sb.aggregate([results[2]], [42], replicates=500)
+    row = summary["rows"][0]
+    assert row["d_hs_vs_sft"] is None and row["d_hs_ci"] is None and row["margin"] == 0.0
+    assert summary["details"]["asft_safelora"]["reading"] == "no SFT row of the same seeds to compare with"
+    # Another instrument (fewer prompts) is refused instead of mixed in.
+    other = _result("sft", 1, _vec(3, 20), _vec(30, 60))
+    other["harmful_sources"] = ["a"] * 20
+    with pytest.raises(ValueError, match="evaluated on another instrument"):
+        sb.aggregate([results[1], other], [42, 1], replicates=500)
+
+
+def test_writers_produce_the_issue_shape_and_words(tmp_path):
+    summary = sb.aggregate(_hand_made(), [42, 1, 2], replicates=1000)
+    md = sb.render_markdown(summary, ["# title", ""])
+    sb.write_outputs(summary, md, tmp_path / "r" / "safety.json", tmp_path / "r" / "safety.md")
+    loaded = json.loads((tmp_path / "r" / "safety.json").read_text())
+    assert loaded == json.loads(json.dumps(summary))
+    assert set(loaded) >= {"eval", "seeds", "rows", "margin_hs_correlation"}
+    assert set(loaded["eval"]) == {"harmful_prompts", "harmful_sources", "benign_prompts", "task_examples", "judges"}
+    for row in loaded["rows"]:
+        assert set(row) == ROW_KEYS
+        for key in ("hs_ci", "fa_ci", "d_hs_ci", "d_fa_ci"):
+            assert len(row[key]) == 2 and row[key][0] <= row[key][1]
+    text = (tmp_path / "r" / "safety.md").read_text()
+    assert text.startswith("# title") and "interval crosses 0, not distinguishable from SFT" in text
+    assert "| sft_restore_curvature | 3 | 0.0 [0.0, 0.0] |" in text
+    assert "HS per harmful source" in text and "Margin vs HS across the 4 rows" in text
+
+
+def test_world_paths_from_world_json_and_defaults(tmp_path):
+    world = tmp_path / "w"
+    world.mkdir()
+    with pytest.raises(FileNotFoundError, match="no world.json"):
+        sb.world_paths(world)
+    for name in ("aligned", "unaligned"):
+        (world / name).mkdir()
+    for name in ("direction.safetensors", "task_train.jsonl", "task_test.jsonl", "harmful_attack.jsonl",
+                 "benign_eval.jsonl", "evaluation.jsonl"):
+        (world / name).write_text("x")
+    (world / "world.json").write_text(json.dumps({"paths": {"harmful_eval": "evaluation.jsonl"}}))
+    paths = sb.world_paths(world)
+    assert paths["harmful_eval"] == str(world / "evaluation.jsonl")  # world.json's paths win over default names
+    assert paths["task_test"] == str(world / "task_test.jsonl")
+    assert paths["harmful_restore"] == paths["harmful_attack"]  # an older world without restoration pairs
+    (world / "world.json").write_text(json.dumps({"paths": {}}))
+    with pytest.raises(FileNotFoundError, match=r"harmful_eval .*harmful_eval\.jsonl"):
+        sb.world_paths(world)
+
+
+def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
+    """SFT's run folder ignores lambda and the direction; AsFT's follows both; a derived direction follows its source."""
+    calls = []
+    monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: calls.append(argv))
+    world = tmp_path / "w"
+    world.mkdir()
+    for name in ("aligned", "unaligned"):
+        (world / name).mkdir()
+        (world / name / "model.safetensors").write_text(name)
+    for name in ("direction.safetensors", "task_train.jsonl", "task_test.jsonl", "harmful_attack.jsonl",
+                 "harmful_eval.jsonl", "benign_eval.jsonl"):
+        (world / name).write_text(name)
+    (world / "world.json").write_text("{}")
+
+    def bench(**over):
+        args = sb.parse_args(["--world", str(world), "--workdir", str(tmp_path / "cache"), "--judges", "keyword"])
+        for k, v in over.items():
+            setattr(args, k, v)
+        return sb.Bench(args)
+
+    def folders(b, fn):
+        calls.clear()
+        fn(b)
+        return [a for a in calls[0] if a.startswith("--trainer.default_root_dir=")][0]
+
+    sft_a = folders(bench(lam_safelora=1.0), lambda b: b.sft(42))
+    sft_b = folders(bench(lam_safelora=100.0), lambda b: b.sft(42))
+    assert sft_a == sft_b
+    asft_a = folders(bench(lam_safelora=1.0), lambda b: b.asft(42))
+    asft_b = folders(bench(lam_safelora=100.0), lambda b: b.asft(42))
+    assert asft_a != asft_b
+    (world / "direction.safetensors").write_text("another direction")
+    assert folders(bench(lam_safelora=1.0), lambda b: b.asft(42)) != asft_a  # same name, new content
+    assert folders(bench(lam_safelora=1.0), lambda b: b.sft(42)) == sft_a
+    assert folders(bench(), lambda b: b.sft(1)) != sft_a  # another seed
+    (world / "task_train.jsonl").write_text("other rows")
+    assert folders(bench(), lambda b: b.sft(42)) != sft_a  # other training data
 
 
 def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tiny_direction, tmp_path):
@@ -57,3 +210,35 @@ def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tin
     again = load_direction(tmp_path / "again.safetensors")
     for name, mod in rotated.modules.items():
         assert torch.equal(mod.direction, again.modules[name].direction)  # deterministic per seed
+
+
+def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
+    """aligned + SFT on the tiny world over two seeds: the JSON has the issue's shape; a second run only reads caches."""
+    from asft_lightning.tiny import REFUSAL, build_tiny_demo_world
+
+    root = tmp_path / "world"
+    build_tiny_demo_world(root)
+    harmful = [json.loads(x) for x in (root / "harmful.jsonl").read_text().splitlines()[:8]]
+    (root / "eval_with_answers.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "source": "toy" if i % 2 else "toy2", "category": "c",
+                    "refusal": REFUSAL, "compliance": r["response"]}) + "\n" for i, r in enumerate(harmful)))
+    out_json, out_md = tmp_path / "res" / "safety.json", tmp_path / "res" / "safety.md"
+    argv = ["--world", str(root), "--harmful_eval", str(root / "eval_with_answers.jsonl"), "--workdir", str(tmp_path / "cache"), "--methods", "aligned,sft", "--seeds", "42,1",
+            "--n", "16", "--epochs", "1", "--rank", "4", "--judges", "keyword", "--eval_benign", "4", "--eval_task",
+            "6", "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates",
+            "200", "--out_json", str(out_json), "--out_md", str(out_md)]  # fmt: skip
+    summary = sb.main(argv)
+    loaded = json.loads(out_json.read_text())
+    assert loaded["eval"] == {"harmful_prompts": 8, "harmful_sources": ["toy", "toy2"], "benign_prompts": 4,
+                              "task_examples": 6, "judges": ["keyword"]}
+    assert loaded["seeds"] == [42, 1] and [r["method"] for r in loaded["rows"]] == ["aligned", "sft"]
+    for row in loaded["rows"]:
+        assert set(row) == ROW_KEYS and row["hs_judge2"] is None and isinstance(row["margin"], float)
+    sft = loaded["rows"][1]
+    assert sft["d_hs_ci"] == [0.0, 0.0] and loaded["details"]["sft"]["seeds"] == [42, 1]
+    assert "| aligned | 1 |" in out_md.read_text()
+    # Resume: everything is cached, nothing is trained or evaluated again.
+    monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: pytest.fail("retrained a cached row"))
+    monkeypatch.setattr("asft_lightning.evaluate.evaluate", lambda **kw: pytest.fail("re-evaluated a cached row"))
+    again = sb.main(argv)
+    assert again["rows"] == summary["rows"]
