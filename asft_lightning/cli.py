@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import asft_lightning.strategies  # noqa: F401  (registers the deepspeed_cpu* strategy names)
 
-EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "restore", "prepare-demo", "tiny-world", "demo")
+EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "restore", "prepare-demo", "tiny-world", "demo", "basin")
 
 
 class AsFTCLI(LightningCLI):
@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
             from asft_lightning.restore_command import restore_adapter as fn
         elif argv[0] == "prepare-demo":
             from asft_lightning.world import prepare_demo as fn
+        elif argv[0] == "basin":  # nested: asft basin curves | attribute
+            from asft_lightning.basin_command import attribute, curves
+
+            fn = [curves, attribute]
         elif argv[0] == "demo":
             from asft_lightning.demo import bare_flags
             from asft_lightning.demo import demo as fn
