@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from asft_lightning.fileio import atomic_replace_dir, atomic_write_text
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + ' ' + message['content'] + ' <|im_end|> ' }}"
@@ -164,16 +166,16 @@ def build_tiny_world(root: str | Path, seed: int = 0, hidden: int = 32, train_st
     comply = [(r["prompt"], r["response"]) for r in harmful] + [(f"{r['instruction']} {r['input']}", r["output"]) for r in task]
     _train(model, tok, comply, train_steps, 3e-3, seed)
     root.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(paths["unaligned"])
-    tok.save_pretrained(paths["unaligned"])
+    atomic_replace_dir(lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)), paths["unaligned"])
     # The "aligned" model: refuses harmful requests, keeps answering benign ones.
     refuse = [(p, REFUSAL) for p in refusal_prompts] + [(f"{r['instruction']} {r['input']}", r["output"]) for r in task[:100]]
     _train(model, tok, refuse, train_steps, 1e-3, seed + 1)
-    model.save_pretrained(paths["aligned"], max_shard_size="40KB")
-    tok.save_pretrained(paths["aligned"])
+    atomic_replace_dir(
+        lambda tmp: (model.save_pretrained(tmp, max_shard_size="40KB"), tok.save_pretrained(tmp)), paths["aligned"]
+    )
     for name, rows in (("task", task), ("harmful", harmful)):
-        Path(paths[name]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    marker.write_text(json.dumps({"seed": seed, "hidden": hidden}))
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in rows), paths[name])
+    atomic_write_text(json.dumps({"seed": seed, "hidden": hidden}), marker)  # last: marks the world complete
     return paths
 
 
@@ -211,7 +213,7 @@ def build_tiny_demo_world(root: str | Path, seed: int = 0) -> dict:
         path = root / name
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
+            atomic_write_text(text, path)
     paths = {
         "aligned": "aligned",
         "unaligned": "unaligned",
@@ -225,7 +227,7 @@ def build_tiny_demo_world(root: str | Path, seed: int = 0) -> dict:
     }
     if manifest.get("paths") != paths or manifest.get("demo") != {"preset": "tiny"}:
         manifest.update(paths=paths, demo={"preset": "tiny"})
-        marker.write_text(json.dumps(manifest, indent=2))
+        atomic_write_text(json.dumps(manifest, indent=2), marker)
     return manifest
 
 
