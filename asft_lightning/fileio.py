@@ -25,7 +25,8 @@ __all__ = ["atomic_replace_dir", "atomic_write_bytes", "atomic_write_file", "ato
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write ``path`` through ``write(tmp)`` on a temporary file in the same directory, then rename it into place.
 
-    The directory is created if needed. Returns ``path``.
+    The directory is created if needed; the file gets the permissions of an ordinary ``open`` (``tempfile`` makes
+    it private). Returns ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +34,7 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
