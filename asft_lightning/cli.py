@@ -18,7 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import asft_lightning.strategies  # noqa: F401  (registers the deepspeed_cpu* strategy names)
 
-EXTRA_COMMANDS = ("direction", "safelora", "evaluate", "restore", "prepare-demo", "tiny-world", "demo", "basin")
+EXTRA_COMMANDS = ("direction", "safelora", "resta", "safemerge", "evaluate", "restore", "prepare-demo",
+                  "tiny-world", "demo", "basin")
 
 
 class AsFTCLI(LightningCLI):
@@ -111,6 +112,7 @@ def safelora(
     num_proj_layers: int | None = 10,
     threshold: float | None = None,
     overwrite: bool = False,
+    selection: Literal["published", "strict"] = "published",
 ) -> dict:
     """Safe LoRA (arXiv 2405.16833): project the least aligned LoRA modules of an adapter onto the alignment subspace.
 
@@ -119,8 +121,12 @@ def safelora(
         direction: direction file from ``asft direction`` for the adapter's base model and target modules.
         output: new adapter directory to write (atomically).
         num_proj_layers: project the modules with the lowest cosine, this many (ignored if ``threshold`` is set).
-        threshold: instead, project every module whose cosine is below this value.
+        threshold: instead, project every module whose cosine is at or below (``published``) / below (``strict``)
+            this value.
         overwrite: replace ``output`` if it exists.
+        selection: ``published`` (the authors' rule: cosines rounded to 5 decimals, ``<=``, every module tied with
+            the k-th lowest projected, a zero update has cosine 0) or ``strict`` (``<``, exactly k, zero updates
+            skipped).
     """
     from asft_lightning import safelora as sl
 
@@ -131,6 +137,7 @@ def safelora(
         num_proj_layers=None if threshold is not None else num_proj_layers,
         threshold=threshold,
         overwrite=overwrite,
+        selection=selection,
     )
     projected = [m for m, r in report["modules"].items() if r["projected"]]
     print(json.dumps({"output": output, "projected": len(projected), "modules": len(report["modules"])}, indent=2))
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
             from asft_lightning.evaluate import evaluate as fn
         elif argv[0] == "restore":
             from asft_lightning.restore_command import restore_adapter as fn
+        elif argv[0] == "resta":
+            from asft_lightning.resta import resta as fn
+        elif argv[0] == "safemerge":
+            from asft_lightning.safemerge import safemerge as fn
         elif argv[0] == "prepare-demo":
             from asft_lightning.world import prepare_demo as fn
         elif argv[0] == "basin":  # nested: asft basin curves | attribute
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asft {fit,validate,test,direction,safelora,evaluate,restore,prepare-demo,tiny-world,demo} ...  (asft SUBCOMMAND --help)")
+        print("usage: asft {fit,validate,test,direction,safelora,resta,safemerge,evaluate,restore,prepare-demo,tiny-world,demo,basin} ...  (asft SUBCOMMAND --help)")
         if not argv:
             sys.exit(2)
         return

@@ -6,7 +6,16 @@ published ``C = V V^T / ||V||_F`` or one of the low-rank forms), Safe LoRA compu
     cos_l = cos(vec(C_l B_l A_l), vec(B_l A_l))
 
 and projects the least aligned modules, ``B_l <- C_l B_l`` (``A_l`` unchanged): the ``num_proj_layers`` modules
-with the lowest cosine (default 10), or every module with ``cos_l < threshold``. No data, no training.
+with the lowest cosine (default 10), or every module at or below ``threshold``. No data, no training.
+
+Which modules count as "lowest" is decided by ``selection`` (:func:`select_modules`):
+
+* ``published`` (default), exactly as the authors' code decides: each cosine is rounded to 5 decimals
+  (``numpy.round``), a module with no update (``B A = 0``) gets cosine 0, a module is projected when its rounded
+  cosine is ``<=`` the threshold, and in number mode the threshold is the ``num_proj_layers``-th smallest rounded
+  cosine, so every module tied with it is projected too (possibly more than ``num_proj_layers``);
+* ``strict``: the unrounded cosine, strictly ``<`` the threshold, exactly ``num_proj_layers`` modules in number
+  mode (ties broken by module order), and a module without an update is never selected.
 
 The cosine never forms a ``d_out x d_in`` or ``d x d`` matrix. With ``G = A A^T`` (``r x r``) and ``CB = C B``:
 
@@ -26,45 +35,55 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from asft_lightning import regularizers as R
+from asft_lightning.adapter_io import (  # noqa: F401 (ADAPTER_CONFIG, PEFT_PREFIX: re-exported, their old home)
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    AdapterError,
+    check_output,
+    copy_side_files,
+    module_shapes,
+    read_adapter,
+)
+from asft_lightning.adapter_io import lora_modules as _lora_modules
+from asft_lightning.adapter_io import natural_key as _natural_key  # noqa: F401 (its old home)
 from asft_lightning.direction import DirectionSet, ModuleDirection, load_direction
-from asft_lightning.errors import AsftError
 from asft_lightning.fileio import atomic_replace_dir, sha256_file
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "DEFAULT_NUM_PROJ_LAYERS",
+    "PEFT_PREFIX",
     "REPORT_NAME",
+    "SELECTIONS",
     "SafeLoRAError",
     "lora_modules",
     "module_cosine",
     "project_adapter",
     "safelora",
     "select_modules",
+    "selection_cosine",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 REPORT_NAME = "safelora_report.json"
 DEFAULT_NUM_PROJ_LAYERS = 10
-#: Prefix PEFT puts before the base model's module names in a saved adapter.
-PEFT_PREFIX = "base_model.model."
-#: ``<module>.lora_A.weight`` or ``<module>.lora_A.<adapter name>.weight`` (some PEFT versions keep the name).
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+#: Decimals the published code rounds each cosine to before comparing it.
+PUBLISHED_DECIMALS = 5
+Selection = Literal["published", "strict"]
+SELECTIONS = ("published", "strict")
 
 
-class SafeLoRAError(AsftError, ValueError):
+class SafeLoRAError(AdapterError):
     """An adapter or a setting that Safe LoRA cannot work with. The message names the file, module or tensor."""
 
 
@@ -98,15 +117,21 @@ def module_cosine(lora_A: Tensor, lora_B: Tensor, md: ModuleDirection) -> Tensor
 
 
 def _check_selection(
-    num_proj_layers: int | None, threshold: float | None
+    num_proj_layers: int | None, threshold: float | None, selection: str = "published"
 ) -> tuple[str, int | None, float | None]:
     """Validate the selection settings; returns ``(mode, num_proj_layers, threshold)`` with the default filled in."""
+    if selection not in SELECTIONS:
+        raise SafeLoRAError(
+            f"selection must be 'published' (the authors' rule: cosines rounded to 5 decimals, <= threshold, ties "
+            f"at the k-th value all projected) or 'strict' (< threshold, exactly k), got {selection!r}"
+        )
     # The default num_proj_layers (10) may come along with a threshold (a CLI passes its default through); any
     # other value together with a threshold is a contradiction.
     if threshold is not None and num_proj_layers not in (None, DEFAULT_NUM_PROJ_LAYERS):
         raise SafeLoRAError(
             f"give num_proj_layers ({num_proj_layers}) or threshold ({threshold}), not both: "
-            "num_proj_layers projects the k least aligned modules, threshold every module with cosine < threshold"
+            "num_proj_layers projects the k least aligned modules, threshold every module whose cosine is at or "
+            "below it"
         )
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
@@ -124,19 +149,46 @@ def _check_selection(
     return "num_proj_layers", k, None
 
 
+def selection_cosine(cosine: float, selection: Selection = "published") -> float:
+    """The number the selection compares for a module with this cosine.
+
+    ``published``: ``numpy.round(cosine, 5)``, and 0 for ``nan`` (no update; the published code's
+    ``cosine_similarity`` of a zero vector). ``strict``: the cosine itself (``nan`` stays ``nan``: never selected).
+    """
+    if selection == "strict":
+        return float(cosine)
+    if math.isnan(cosine):
+        return 0.0
+    return float(numpy.round(float(cosine), PUBLISHED_DECIMALS))
+
+
 def select_modules(
-    cosines: dict[str, float], num_proj_layers: int | None = None, threshold: float | None = None
+    cosines: dict[str, float],
+    num_proj_layers: int | None = None,
+    threshold: float | None = None,
+    selection: Selection = "published",
 ) -> list[str]:
     """Names of the modules Safe LoRA projects, in the order of ``cosines``.
 
     Args:
-        cosines: module name -> cosine; ``nan`` (zero update) is never selected.
-        num_proj_layers: project the ``num_proj_layers`` modules with the lowest cosine (ties: first in
-            ``cosines``). ``None`` with no ``threshold`` means 10.
-        threshold: project every module with ``cosine < threshold``; then ``num_proj_layers`` must be ``None``
-            or its default, 10.
+        cosines: module name -> cosine (``nan``: no update).
+        num_proj_layers: project the modules with the ``num_proj_layers`` lowest cosines. ``None`` with no
+            ``threshold`` means 10. ``published``: the threshold becomes the ``num_proj_layers``-th smallest
+            rounded cosine, so modules tied with it are all projected; ``strict``: exactly ``num_proj_layers``
+            modules, ties broken by the order of ``cosines``.
+        threshold: project every module whose cosine is ``<=`` it (``published``, after rounding) or ``<`` it
+            (``strict``); then ``num_proj_layers`` must be ``None`` or its default, 10.
+        selection: ``published`` (the authors' rule, see :func:`selection_cosine`) or ``strict``.
     """
-    mode, k, t = _check_selection(num_proj_layers, threshold)
+    mode, k, t = _check_selection(num_proj_layers, threshold, selection)
+    if selection == "published":
+        used = {name: selection_cosine(c, "published") for name, c in cosines.items()}
+        if mode == "num_proj_layers":
+            if not used:
+                return []
+            t = sorted(used.values())[:k][-1]
+        chosen = {name for name, c in used.items() if c <= t}
+        return [name for name in cosines if name in chosen]
     valid = [name for name, c in cosines.items() if not math.isnan(c)]
     if mode == "threshold":
         chosen = {name for name in valid if cosines[name] < t}
@@ -147,83 +199,12 @@ def select_modules(
 
 
 def lora_modules(state: dict[str, Any], source: str = "adapter") -> dict[str, tuple[str, str]]:
-    """Find the LoRA pairs in an adapter state dict (or any mapping with its keys).
-
-    Args:
-        state: the adapter's tensors, keyed as PEFT saves them
-            (``base_model.model.<module>.lora_A[.<adapter name>].weight``).
-        source: what to call the state in error messages (e.g. the file path).
+    """Find the LoRA pairs in an adapter state dict (see :func:`asft_lightning.adapter_io.lora_modules`).
 
     Returns:
         Base-model module name (``base_model.model.`` stripped) -> ``(lora_A key, lora_B key)``, in natural order.
     """
-    found: dict[str, dict[str, str]] = {}
-    adapter_names: set[str | None] = set()
-    for key in state:
-        m = _LORA_KEY.match(key)
-        if m is None:
-            continue
-        module = m["module"]
-        module = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
-        adapter_names.add(m["adapter"])
-        slot = found.setdefault(module, {})
-        if m["which"] in slot:
-            raise SafeLoRAError(
-                f"{source}: two lora_{m['which']} tensors for module {module}: '{slot[m['which']]}' and '{key}'"
-            )
-        slot[m["which"]] = key
-    if not found:
-        sample = sorted(state)[:5]
-        raise SafeLoRAError(
-            f"{source}: no LoRA tensors (keys like '<module>.lora_A.weight' / '.lora_B.weight'); "
-            f"is this a LoRA adapter? First keys: {sample}"
-        )
-    if len(adapter_names) > 1:
-        names = sorted(str(n) for n in adapter_names)
-        raise SafeLoRAError(
-            f"{source}: tensors of several adapters ({names}); save one adapter per directory"
-        )
-    out = {}
-    for module in sorted(found, key=_natural_key):
-        slot = found[module]
-        for which in "AB":
-            if which not in slot:
-                other = slot["B" if which == "A" else "A"]
-                raise SafeLoRAError(f"{source}: module {module} has '{other}' but no lora_{which} tensor")
-        out[module] = (slot["A"], slot["B"])
-    return out
-
-
-def _natural_key(name: str) -> list[Any]:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
-def _module_shapes(
-    state: dict[str, Tensor], pairs: dict[str, tuple[str, str]], source: str
-) -> dict[str, tuple]:
-    """``(d_out, d_in)`` per module from ``lora_B.shape[0]`` and ``lora_A.shape[1]``, checking the factors agree."""
-    shapes = {}
-    for module, (a_key, b_key) in pairs.items():
-        a, b = state[a_key], state[b_key]
-        if a.ndim != 2 or b.ndim != 2:
-            raise SafeLoRAError(
-                f"{source}: module {module}: LoRA factors must be matrices, got '{a_key}' {tuple(a.shape)} "
-                f"and '{b_key}' {tuple(b.shape)}"
-            )
-        if a.shape[0] != b.shape[1]:
-            raise SafeLoRAError(
-                f"{source}: module {module}: rank mismatch, '{a_key}' is {tuple(a.shape)} (r, d_in) but "
-                f"'{b_key}' is {tuple(b.shape)} (d_out, r)"
-            )
-        if not a.is_floating_point() or not b.is_floating_point():
-            raise SafeLoRAError(
-                f"{source}: module {module}: LoRA factors must be floating point, got {a.dtype}"
-            )
-        for key, t in ((a_key, a), (b_key, b)):
-            if not torch.isfinite(t).all():
-                raise SafeLoRAError(f"{source}: tensor '{key}' has non-finite values")
-        shapes[module] = (int(b.shape[0]), int(a.shape[1]))
-    return shapes
+    return _lora_modules(state, source, SafeLoRAError)
 
 
 def _check_direction(md: ModuleDirection, path: str) -> None:
@@ -240,12 +221,37 @@ def _check_direction(md: ModuleDirection, path: str) -> None:
             raise SafeLoRAError(f"{path}: tensor '{md.name}.{part}' has non-finite values")
 
 
+def adapter_cosines(
+    state: dict[str, Tensor],
+    pairs: dict[str, tuple[str, str]],
+    directions: DirectionSet,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per module ``cos(vec(C B A), vec(B A))`` (``nan`` for no update) and ``||B A||_F``, in float64.
+
+    Args:
+        state: adapter tensors.
+        pairs: module -> ``(lora_A key, lora_B key)`` (from :func:`lora_modules`); every module must be in
+            ``directions`` (check with :meth:`DirectionSet.check_modules` first).
+        directions: the direction file; a zero or non-finite direction is refused.
+    """
+    cosines: dict[str, float] = {}
+    norms: dict[str, float] = {}
+    for module, (a_key, b_key) in pairs.items():
+        a, b = state[a_key].double(), state[b_key].double()
+        md = directions.modules[module].to("cpu", torch.float64)
+        _check_direction(md, directions.path)
+        cosines[module] = float(module_cosine(a, b, md))
+        norms[module] = float(R.update_energy(a, b).clamp_min(0).sqrt())
+    return cosines, norms
+
+
 def project_adapter(
     state: dict[str, Tensor],
     directions: DirectionSet,
     num_proj_layers: int | None = None,
     threshold: float | None = None,
     source: str = "adapter",
+    selection: Selection = "published",
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Safe LoRA on an adapter state dict: cosines, selection, ``B <- C B`` on the selected modules.
 
@@ -257,27 +263,30 @@ def project_adapter(
         directions: the direction file; it must cover exactly the adapter's LoRA modules with shapes
             ``(d_out, d_in)`` (checked with :meth:`DirectionSet.check_modules`).
         num_proj_layers: project the ``num_proj_layers`` least aligned modules (``None`` and no threshold: 10).
-        threshold: project every module with cosine below it (``num_proj_layers`` must then be ``None`` or 10).
+        threshold: project every module whose cosine is at or below it (``published``) or below it (``strict``);
+            ``num_proj_layers`` must then be ``None`` or 10.
         source: what to call the adapter in error messages.
+        selection: ``published`` (the authors' rule) or ``strict``; see :func:`select_modules`.
 
     Returns:
-        ``(new_state, report)``; the report has ``settings`` and per-module ``cosine`` (``None`` for a zero
-        update), ``projected``, ``shape``, ``rank``, ``update_norm`` and (projected modules) ``update_norm_after``.
+        ``(new_state, report)``; the report has ``settings``, ``selection_threshold`` (the threshold the rule
+        compared with; in number mode the k-th smallest cosine) and per module ``cosine`` (``None`` for a zero
+        update), ``selection_cosine`` (the number compared: rounded under ``published``), ``projected``,
+        ``shape``, ``rank``, ``update_norm`` and (projected modules) ``update_norm_after``.
     """
-    mode, k, t = _check_selection(num_proj_layers, threshold)
+    mode, k, t = _check_selection(num_proj_layers, threshold, selection)
     pairs = lora_modules(state, source)
-    shapes = _module_shapes(state, pairs, source)
+    shapes = module_shapes(state, pairs, source, SafeLoRAError)
     directions.check_modules(shapes, source)
 
-    cosines: dict[str, float] = {}
-    norms: dict[str, float] = {}
-    for module, (a_key, b_key) in pairs.items():
-        a, b = state[a_key].double(), state[b_key].double()
-        md = directions.modules[module].to("cpu", torch.float64)
-        _check_direction(md, directions.path)
-        cosines[module] = float(module_cosine(a, b, md))
-        norms[module] = float(R.update_energy(a, b).clamp_min(0).sqrt())
-    chosen = set(select_modules(cosines, k, t))
+    cosines, norms = adapter_cosines(state, pairs, directions)
+    chosen = set(select_modules(cosines, k, t, selection))
+    used = {m: selection_cosine(c, selection) for m, c in cosines.items()}
+    if mode == "threshold":
+        threshold_used = t
+    else:
+        ranked = sorted(c for c in used.values() if not math.isnan(c))
+        threshold_used = ranked[:k][-1] if ranked else None
 
     new_state = dict(state)
     modules: dict[str, Any] = {}
@@ -285,6 +294,7 @@ def project_adapter(
         cos = cosines[module]
         entry: dict[str, Any] = {
             "cosine": None if math.isnan(cos) else cos,
+            "selection_cosine": None if math.isnan(used[module]) else used[module],
             "projected": module in chosen,
             "shape": list(shapes[module]),
             "rank": int(state[a_key].shape[0]),
@@ -302,7 +312,8 @@ def project_adapter(
             )
         modules[module] = entry
     report = {
-        "settings": {"mode": mode, "num_proj_layers": k, "threshold": t},
+        "settings": {"mode": mode, "num_proj_layers": k, "threshold": t, "selection": selection},
+        "selection_threshold": threshold_used,
         "projector": directions.metadata.get("projector", {}),
         "num_modules": len(modules),
         "num_projected": len(chosen),
@@ -317,66 +328,6 @@ def project_adapter(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _read_adapter(adapter: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
-    """``(adapter_config, tensors, safetensors header metadata)`` of a PEFT LoRA adapter directory."""
-    if not adapter.exists():
-        raise SafeLoRAError(f"{adapter}: adapter directory not found")
-    if not adapter.is_dir():
-        raise SafeLoRAError(
-            f"{adapter}: not a directory; give the PEFT adapter directory (save_pretrained output)"
-        )
-    cfg_path = adapter / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise SafeLoRAError(
-            f"{cfg_path}: missing; expected a PEFT adapter directory (save_pretrained output)"
-        )
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SafeLoRAError(f"{cfg_path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise SafeLoRAError(f"{cfg_path}: expected a JSON object")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise SafeLoRAError(
-            f"{cfg_path}: peft_type is {config.get('peft_type')!r}; Safe LoRA projects LoRA adapters only"
-        )
-    if config.get("use_dora"):
-        raise SafeLoRAError(
-            f"{cfg_path}: a DoRA adapter (use_dora: true); Safe LoRA's B <- C B is defined for plain LoRA only"
-        )
-    weights = adapter / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        hint = (
-            " (found adapter_model.bin: re-save it with safe_serialization=True)"
-            if (adapter / "adapter_model.bin").is_file()
-            else ""
-        )
-        raise SafeLoRAError(f"{weights}: missing{hint}")
-    try:
-        with safe_open(str(weights), framework="pt", device="cpu") as fh:
-            header = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as err:
-        raise SafeLoRAError(f"{weights}: corrupt or unreadable safetensors file ({err})") from err
-    return config, tensors, header
-
-
-def _check_output(adapter: Path, output: Path, direction: Path, overwrite: bool) -> None:
-    a, o = adapter.resolve(), output.resolve()
-    if o == a or a in o.parents or o in a.parents:
-        raise SafeLoRAError(
-            f"{output}: the output must not be the input adapter directory {adapter}, inside it, or contain it"
-        )
-    if o == direction.resolve() or o in direction.resolve().parents:
-        raise SafeLoRAError(f"{output}: the output would replace the direction file {direction}")
-    if output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise SafeLoRAError(f"{output}: exists and is not a directory")
-        if any(output.iterdir()) and not overwrite:
-            raise SafeLoRAError(f"{output}: exists and is not empty; pass overwrite=True to replace it")
-
-
 def safelora(
     adapter: str,
     direction: str,
@@ -384,6 +335,7 @@ def safelora(
     num_proj_layers: int | None = DEFAULT_NUM_PROJ_LAYERS,
     threshold: float | None = None,
     overwrite: bool = False,
+    selection: Selection = "published",
 ) -> dict:
     """Safe LoRA (arXiv 2405.16833): project the least aligned LoRA modules of an adapter onto the alignment direction.
 
@@ -397,22 +349,34 @@ def safelora(
             and covering exactly the adapter's LoRA modules.
         output: directory for the projected adapter; written atomically, must not exist or be empty unless
             ``overwrite`` is set.
-        num_proj_layers: project this many modules, those with the lowest cosine (the paper's default: 10).
-        threshold: instead of ``num_proj_layers``, project every module whose cosine is below this value, in
-            [-1, 1] (the paper uses 0.5). Only the default ``num_proj_layers`` (or ``None``) may come with it.
+        num_proj_layers: project this many modules, those with the lowest cosine (the paper's default: 10); under
+            ``published`` selection every module tied with the last one is projected too.
+        threshold: instead of ``num_proj_layers``, project every module whose cosine is at or below this value
+            (``published``, after rounding to 5 decimals) or below it (``strict``), in [-1, 1] (the paper uses
+            0.5). Only the default ``num_proj_layers`` (or ``None``) may come with it.
         overwrite: replace a non-empty ``output`` directory.
+        selection: ``published`` (default; the authors' code: cosines rounded to 5 decimals, ``<=``, ties at the
+            k-th value all projected, a zero update has cosine 0) or ``strict`` (``<``, exactly k, zero updates
+            never selected).
 
     Returns:
         The report written to ``<output>/safelora_report.json``.
     """
     adapter_dir, output_dir, direction_path = Path(adapter), Path(output), Path(direction)
-    _check_selection(num_proj_layers, threshold)
-    config, state, header = _read_adapter(adapter_dir)
+    _check_selection(num_proj_layers, threshold, selection)
+    lora = read_adapter(adapter_dir, SafeLoRAError, "Safe LoRA")
+    state, header = lora.tensors, lora.header
     weights_path = adapter_dir / ADAPTER_WEIGHTS
-    _check_output(adapter_dir, output_dir, direction_path, overwrite)
+    check_output(
+        output_dir,
+        {"adapter directory": adapter_dir, "direction file": direction_path},
+        overwrite,
+        SafeLoRAError,
+        SafeLoRAError,
+    )
     directions = load_direction(direction_path)
     new_state, report = project_adapter(
-        state, directions, num_proj_layers, threshold, source=str(weights_path)
+        state, directions, num_proj_layers, threshold, source=str(weights_path), selection=selection
     )
     report = {
         "method": "safelora (arXiv 2405.16833)",
@@ -425,12 +389,7 @@ def safelora(
     }
 
     def build(tmp: Path) -> None:
-        copied = []
-        for src in sorted(adapter_dir.iterdir()):
-            if src.is_file() and not src.name.startswith("adapter_model.") and src.name != REPORT_NAME:
-                shutil.copy2(src, tmp / src.name)
-                copied.append(src.name)
-        report["copied_files"] = copied
+        report["copied_files"] = copy_side_files(adapter_dir, tmp, skip={REPORT_NAME})
         meta = {**header, "format": header.get("format", "pt")}
         meta["asft_safelora"] = json.dumps(
             {
