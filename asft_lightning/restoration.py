@@ -37,44 +37,57 @@ AllReduce = Callable[[Tensor], Tensor]
 
 @dataclass
 class RestorationConfig:
-    """Settings of :func:`restore` (each checked in ``__post_init__``)."""
+    """Settings of :func:`restore`, each checked in ``__post_init__``.
+
+    Declared once here: ``asft restore`` and the ``CurvatureRestoration`` callback take these fields as their own
+    keyword arguments (``**restoration``), so both list every one in ``--help`` with the text below.
+
+    Args:
+        method: ``curvature``: precondition the ascent by ``(H_t + damping I)^{-1}``; ``first_order``: ``d = g``
+            (the baseline).
+        solver: inverse-curvature solver: ``cg`` (conjugate gradient on HVPs) or ``lbfgs`` (the L-BFGS two-loop
+            estimate, one HVP a step).
+        max_steps: most restoration steps, >= 1.
+        damping: initial ``lambda`` in ``H_t + lambda I``, > 0; raised automatically when CG meets negative
+            curvature.
+        max_damping_increases: when CG meets negative curvature (``H_t`` is indefinite), multiply the damping by 4,
+            up to this often, >= 0.
+        cg_max_iter: most CG iterations per step, >= 1.
+        cg_tol: CG relative residual tolerance, > 0.
+        lbfgs_history: curvature pairs kept by the L-BFGS solver, >= 1.
+        trust_region: ``delta``: the step keeps ``1/2 eta^2 d^T (H_t + lambda I) d <= delta``, > 0.
+        max_step_size: largest step multiplier ``eta_max``, > 0.
+        refusal_weight: ``mu``, weight of the refusal loss in the ascent direction, >= 0 (> 0 needs refusal data).
+        task_loss_budget: most increase of the retain loss over its value before restoration (nats), >= 0.
+        backtracks: halvings of a step that breaks the task budget before it is undone and restoration stops, >= 0.
+        top_modules: update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all).
+        target_margin: stop when the harmful loss reaches ``reference - target_margin``; negative asks for more
+            than the reference (e.g. ``-0.1``: 0.1 nats beyond the aligned model's harmful loss).
+        land_on_target: shorten a step that overshoots the target (secant on ``L_h``), for the smallest
+            sufficient update.
+        hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference`` (see
+            :func:`asft_lightning.curvature.hvp`).
+        check_determinism: compute the first HVP twice and fail if they differ (catches dropout left on).
+    """
 
     method: Literal["curvature", "first_order"] = "curvature"
-    """``curvature``: precondition the ascent by ``(H_t + damping I)^{-1}``; ``first_order``: ``d = g`` (baseline)."""
     solver: Literal["cg", "lbfgs"] = "cg"
-    """Inverse-curvature solver: conjugate gradient on HVPs, or the L-BFGS two-loop estimate (one HVP a step)."""
     max_steps: int = 10
-    """Most restoration steps."""
     damping: float = 1.0
-    """``lambda`` in ``H_t + lambda I`` (> 0); raised automatically when CG meets negative curvature."""
     max_damping_increases: int = 4
-    """When CG meets negative curvature (``H_t`` is indefinite), multiply the damping by 4, up to this often."""
     cg_max_iter: int = 10
-    """Most CG iterations per step."""
     cg_tol: float = 1e-3
-    """CG relative residual tolerance."""
     lbfgs_history: int = 10
-    """Curvature pairs kept by the L-BFGS solver."""
     trust_region: float = 0.05
-    """``delta``: the step keeps ``1/2 eta^2 d^T (H_t + lambda I) d <= delta``."""
     max_step_size: float = 10.0
-    """``eta_max``."""
     refusal_weight: float = 0.0
-    """``mu``: also lower the loss on refusal pairs (needs refusal batches)."""
     task_loss_budget: float = 0.1
-    """Most increase of the retain loss over its value before restoration (nats)."""
     backtracks: int = 3
-    """Halvings of a step that breaks the task budget before it is undone and restoration stops."""
     top_modules: int | None = None
-    """Update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all)."""
     target_margin: float = 0.01
-    """Stop when ``L_h >= reference - target_margin`` (negative: ask for more than the reference)."""
     land_on_target: bool = True
-    """Shorten a step that overshoots the reference (secant on ``L_h``), for the smallest sufficient update."""
     hvp_method: cv.HVPMethod = "auto"
-    """HVP method (see :func:`asft_lightning.curvature.hvp`)."""
     check_determinism: bool = False
-    """Compute the first HVP twice and fail if they differ (catches dropout left on)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -14,19 +14,19 @@ from typing import Any, Literal
 
 import torch
 
-from asft_lightning.curvature import HVPMethod
-from asft_lightning.fileio import sha256_file
-from asft_lightning.restoration import RestorationConfig, StepRecord, reference_harmful_loss, restore
+from asft_lightning.checkpoints import CheckpointError
+from asft_lightning.data import load_samples, sample_batches
+from asft_lightning.errors import ArgumentError, InputNotFoundError, OutputExistsError
+from asft_lightning.fileio import atomic_replace_dir, sha256_file
+from asft_lightning.restoration import (
+    RestorationConfig,
+    RestorationResult,
+    StepRecord,
+    reference_harmful_loss,
+    restore,
+)
 
 REPORT_NAME = "restoration_report.json"
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def restore_adapter(
@@ -55,20 +55,9 @@ def restore_adapter(
     lora_r: int = 8,
     lora_alpha: float = 32,
     target_modules: list[str] | str = ["q_proj", "v_proj"],  # noqa: B006 (shown in --help)
-    method: Literal["curvature", "first_order"] = "curvature",
-    solver: Literal["cg", "lbfgs"] = "cg",
-    max_steps: int = 10,
-    damping: float = 1.0,
-    cg_max_iter: int = 10,
-    trust_region: float = 0.05,
-    max_step_size: float = 10.0,
-    refusal_weight: float = 0.0,
-    task_loss_budget: float = 0.1,
-    target_margin: float = 0.01,
-    top_modules: int | None = None,
-    hvp_method: HVPMethod = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    **restoration: Any,
 ) -> dict[str, Any]:
     """Restore the safety of a LoRA fine-tune post hoc and write the restored adapter (design.md section 4).
 
@@ -108,36 +97,68 @@ def restore_adapter(
         lora_r: rank of the fresh adapter when ``adapter`` is not given.
         lora_alpha: alpha of the fresh adapter.
         target_modules: modules of the fresh adapter.
-        method: ``curvature`` (preconditioned by the task Hessian) or ``first_order`` (baseline).
-        solver: ``cg`` (conjugate gradient on HVPs) or ``lbfgs``.
-        max_steps: most restoration steps.
-        damping: initial damping of ``H_t + damping I`` (> 0; raised on negative curvature).
-        cg_max_iter: most CG iterations per step.
-        trust_region: ``delta`` of the trust region ``1/2 d^T (H_t + damping I) d <= delta``.
-        max_step_size: largest step multiplier ``eta``.
-        refusal_weight: weight ``mu`` of the refusal loss in the ascent direction.
-        task_loss_budget: most increase of the retain loss (nats).
-        target_margin: stop when the harmful loss reaches ``reference - target_margin``; a negative value asks for
-            more than the reference (e.g. ``-0.1``: 0.1 nats beyond the aligned model's harmful loss).
-        top_modules: update only the modules with the largest influence ``|g_l^T d_l|``.
-        hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference``.
         overwrite: replace ``output`` if it exists.
         progress: show a progress bar.
+        **restoration: the restoration settings, the fields of :class:`~asft_lightning.restoration.RestorationConfig`
+            (``method``, ``solver``, ``max_steps``, ``damping``, ``target_margin``, ``hvp_method``, ...), each its
+            own flag.
     """
-    from asft_lightning.data import _load_tokenizer, load_samples, sample_batches
-    from asft_lightning.fileio import atomic_replace_dir
+    config = RestorationConfig(**restoration)
+    _check_arguments(config, num_harmful, num_retain, batch_size, max_length, adapter, reference_model, refusal_data)
+    out = _check_paths(model, adapter, reference_model, output, overwrite)
+    samples = {
+        "harmful": load_samples(harmful_data, "harmful_data", harmful_prompt_column, harmful_response_column,
+                                limit=num_harmful),
+        "retain": load_samples(retain_data, "retain_data", retain_prompt_column, retain_response_column,
+                               retain_input_column, limit=num_retain),
+        "refusal": load_samples(refusal_data, "refusal_data", refusal_prompt_column, refusal_response_column)
+        if refusal_data is not None else None,
+    }
+    fresh_lora = {"r": lora_r, "lora_alpha": lora_alpha, "target_modules": target_modules}
+    peft_model, tokenizer = _load_fine_tune(model, adapter, gguf_file, getattr(torch, dtype), fresh_lora)
+    batches = {name: sample_batches(tokenizer, rows, batch_size, max_length, template, system_prompt) if rows else None
+               for name, rows in samples.items()}
+    reference_loss = _reference_loss(reference_model, batches["harmful"], getattr(torch, dtype), _device(peft_model))
+    result = _restore_with_progress(peft_model, batches, config, reference_loss, progress)
+    report = {
+        "result": result.to_dict(),
+        "inputs": {
+            "model": str(model),
+            "adapter": adapter,
+            "adapter_sha256": _adapter_sha256(adapter),
+            "reference_model": reference_model,
+            "harmful_data": harmful_data,
+            "retain_data": retain_data,
+            "refusal_data": refusal_data,
+            "num_harmful": len(samples["harmful"]),
+            "num_retain": len(samples["retain"]),
+        },
+        "settings": {"config": asdict(config), "batch_size": batch_size, "max_length": max_length, "dtype": dtype},
+    }
+    _write(peft_model, report, out)
+    print(json.dumps(_summary(result, out), indent=2))
+    return report
 
-    # ---- everything cheap first: settings, paths, data -------------------------------------------------
-    config = RestorationConfig(
-        method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
-        trust_region=trust_region, max_step_size=max_step_size, refusal_weight=refusal_weight,
-        task_loss_budget=task_loss_budget, target_margin=target_margin, top_modules=top_modules,
-        hvp_method=hvp_method,
-    )
-    problems = []
-    for name, value in (("num_harmful", num_harmful), ("num_retain", num_retain), ("batch_size", batch_size)):
-        if value < 1:
-            problems.append(f"{name} must be >= 1, got {value}")
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_arguments(
+    config: RestorationConfig,
+    num_harmful: int,
+    num_retain: int,
+    batch_size: int,
+    max_length: int,
+    adapter: str | None,
+    reference_model: str | None,
+    refusal_data: str | None,
+) -> None:
+    """Every argument problem at once, before anything is read."""
+    problems = [f"{name} must be >= 1, got {value}"
+                for name, value in (("num_harmful", num_harmful), ("num_retain", num_retain), ("batch_size", batch_size))
+                if value < 1]
     if max_length < 2:
         problems.append(f"max_length must be >= 2, got {max_length}")
     if adapter is None and reference_model is None:
@@ -145,105 +166,117 @@ def restore_adapter(
             "without --adapter the model is a full fine-tune: give --reference_model (the aligned model), whose "
             "harmful loss is the target; a disabled adapter cannot stand for it"
         )
+    if config.refusal_weight > 0 and refusal_data is None:
+        problems.append(f"refusal_weight={config.refusal_weight} > 0 needs --refusal_data")
     if problems:
-        raise ValueError("asft restore: " + "; ".join(problems))
-    out = Path(output)
-    inputs = [Path(p) for p in (model, adapter, reference_model) if p is not None and Path(p).exists()]
-    for src in inputs:
-        if _inside(out, src) or _inside(src, out):
-            raise ValueError(f"asft restore: output {out} must not be inside (or contain) the input {src}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"asft restore: output {out} exists and is not empty; pass --overwrite true")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"asft restore: adapter {adapter}: no adapter_config.json (expected a PEFT adapter)")
-    harmful_samples = load_samples(harmful_data, "harmful_data", harmful_prompt_column, harmful_response_column,
-                                   limit=num_harmful)
-    retain_samples = load_samples(retain_data, "retain_data", retain_prompt_column, retain_response_column,
-                                  retain_input_column, limit=num_retain)
-    refusal_samples = None
-    if refusal_data is not None:
-        refusal_samples = load_samples(refusal_data, "refusal_data", refusal_prompt_column, refusal_response_column)
-    elif refusal_weight > 0:
-        raise ValueError(f"asft restore: refusal_weight={refusal_weight} > 0 needs --refusal_data")
+        raise ArgumentError("asft restore: " + "; ".join(problems))
 
-    # ---- models -----------------------------------------------------------------------------------------
+
+def _check_paths(model: str, adapter: str | None, reference_model: str | None, output: str, overwrite: bool) -> Path:
+    """The inputs exist, the output is none of them and is free (or ``overwrite``); returns the output path."""
+    for argument, value in (("model", model), ("reference_model", reference_model)):
+        if value is not None and not Path(value).expanduser().exists() and value.startswith(("/", ".", "~")):
+            raise InputNotFoundError(f"asft restore: {argument}={value!r}: no such file or directory")
+    if adapter is not None:
+        if not Path(adapter).exists():
+            raise InputNotFoundError(f"asft restore: adapter={adapter!r}: no such directory")
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise CheckpointError(f"asft restore: adapter {adapter}: no adapter_config.json (expected a PEFT adapter)")
+    out = Path(output)
+    for src in (Path(p) for p in (model, adapter, reference_model) if p is not None and Path(p).exists()):
+        if _inside(out, src) or _inside(src, out):
+            raise ArgumentError(f"asft restore: output {out} must not be inside (or contain) the input {src}")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"asft restore: output {out} exists and is not empty; pass --overwrite true")
+    return out
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _load_fine_tune(model: str, adapter: str | None, gguf_file: str | None, dtype: torch.dtype,
+                    fresh_lora: dict[str, Any]) -> tuple[Any, Any]:
+    """The fine-tune as a trainable PEFT model on the device, and its tokenizer.
+
+    With ``adapter``: the base model with that adapter (checked against the base model first). Without: the full
+    fine-tune ``model`` under a fresh LoRA adapter (``fresh_lora``: its ``r``, ``lora_alpha``, ``target_modules``).
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from asft_lightning.checkpoints import split_gguf
+    from asft_lightning.data import _load_tokenizer
     from asft_lightning.evaluate import check_adapter
 
-    torch_dtype = getattr(torch, dtype)
     path, gguf = split_gguf(model, gguf_file)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, **({"gguf_file": gguf} if gguf else {})}
     tokenizer = _load_tokenizer(path, gguf)
-    base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **({"gguf_file": gguf} if gguf else {}))
     if adapter is not None:
         check_adapter(adapter, base, model)
         try:
             peft_model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         except Exception as err:
-            raise ValueError(f"asft restore: adapter {adapter} does not load on {model}: {err}") from err
+            raise CheckpointError(f"asft restore: adapter {adapter} does not load on {model}: {err}") from err
     else:
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=target_modules, lora_dropout=0.0,
-                          task_type="CAUSAL_LM")
+        lora = LoraConfig(**fresh_lora, lora_dropout=0.0, task_type="CAUSAL_LM")
         peft_model = get_peft_model(base, lora)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peft_model.to(device)
+    return peft_model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
-    def batches(samples):
-        return sample_batches(tokenizer, samples, batch_size, max_length, template, system_prompt)
 
-    harmful, retain = batches(harmful_samples), batches(retain_samples)
-    refusal = batches(refusal_samples) if refusal_samples else None
-    reference_loss = None
-    if reference_model is not None:
-        ref = AutoModelForCausalLM.from_pretrained(reference_model, dtype=torch_dtype).to(device).eval()
-        reference_loss = reference_harmful_loss(ref, harmful, reference=ref)
-        del ref
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
 
-    # ---- restoration -----------------------------------------------------------------------------------
-    bar = None
-    if progress:
-        from rich.progress import Progress
 
-        bar = Progress(transient=False)
+def _reference_loss(reference_model: str | None, harmful: list, dtype: torch.dtype, device: torch.device) -> float | None:
+    """The harmful loss of ``reference_model`` (None without one: the adapter disabled is the reference)."""
+    if reference_model is None:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(reference_model, dtype=dtype).to(device).eval()
+    return reference_harmful_loss(ref, harmful, reference=ref)
+
+
+def _restore_with_progress(model: Any, batches: dict[str, Any], config: RestorationConfig,
+                           reference_loss: float | None, progress: bool) -> RestorationResult:
+    """:func:`asft_lightning.restoration.restore` with a progress bar of its steps."""
+    if not progress:
+        return restore(model, batches["harmful"], batches["retain"], batches["refusal"], config,
+                       reference_loss=reference_loss)
+    from rich.progress import Progress
+
+    with Progress(transient=False) as bar:
         task = bar.add_task("restoring", total=config.max_steps)
-        bar.start()
 
-    def on_step(record: StepRecord) -> None:
-        if bar is not None:
+        def on_step(record: StepRecord) -> None:
             bar.update(task, advance=1, description=f"restoring: L_h {record.harmful_loss:.3f} L_t {record.task_loss:.3f}")
 
-    try:
-        result = restore(peft_model, harmful, retain, refusal, config, reference_loss=reference_loss, on_step=on_step)
-    finally:
-        if bar is not None:
-            bar.stop()
+        return restore(model, batches["harmful"], batches["retain"], batches["refusal"], config,
+                       reference_loss=reference_loss, on_step=on_step)
 
-    report = {
-        "result": result.to_dict(),
-        "inputs": {
-            "model": str(model),
-            "adapter": adapter,
-            "adapter_sha256": sha256_file(Path(adapter) / "adapter_model.safetensors")
-            if adapter and (Path(adapter) / "adapter_model.safetensors").is_file() else None,
-            "reference_model": reference_model,
-            "harmful_data": harmful_data,
-            "retain_data": retain_data,
-            "refusal_data": refusal_data,
-            "num_harmful": len(harmful_samples),
-            "num_retain": len(retain_samples),
-        },
-        "settings": {"config": asdict(config), "batch_size": batch_size, "max_length": max_length, "dtype": dtype},
-    }
+
+def _adapter_sha256(adapter: str | None) -> str | None:
+    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
+    return sha256_file(weights) if weights is not None and weights.is_file() else None
+
+
+def _write(model: Any, report: dict[str, Any], out: Path) -> None:
+    """The restored adapter and its report, as one directory swapped into place."""
 
     def build(tmp: Path) -> None:
-        peft_model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
     atomic_replace_dir(build, out)
-    summary = {
+
+
+def _summary(result: RestorationResult, out: Path) -> dict[str, Any]:
+    return {
         "output": str(out),
         "stop_reason": result.stop_reason,
         "restored": result.restored,
@@ -253,5 +286,3 @@ def restore_adapter(
         "steps": len(result.records),
         "seconds": round(result.seconds, 2),
     }
-    print(json.dumps(summary, indent=2))
-    return report

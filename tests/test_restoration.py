@@ -279,3 +279,23 @@ def test_asft_restore_bad_inputs(tiny_world, attacked_adapter, tmp_path):
     with pytest.raises(Exception, match="other_adapter"):
         main(_restore_args(tiny_world, tmp_path / "other_adapter", out))
     assert not out.exists()
+
+
+def test_restoration_settings_are_declared_once_and_listed_in_both_helps(capsys):
+    """``asft restore --help`` and the callback's help list every RestorationConfig field with the same text."""
+    from dataclasses import fields
+
+    from docstring_parser import parse
+
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    restore_help = " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.callbacks.help", "asft_lightning.callbacks.CurvatureRestoration"])
+    callback_help = " ".join(capsys.readouterr().out.split())
+    described = {p.arg_name: " ".join(p.description.split()) for p in parse(RestorationConfig.__doc__).params}
+    for field in fields(RestorationConfig):
+        assert field.name in described, f"RestorationConfig documents no {field.name}"
+        assert f"--{field.name} " in restore_help, field.name
+        assert f"--trainer.callbacks.{field.name} " in callback_help, field.name
+        assert described[field.name] in restore_help and described[field.name] in callback_help, field.name

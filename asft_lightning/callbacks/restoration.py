@@ -6,14 +6,13 @@ import json
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from asft_lightning.callbacks._peft import peft_model_of
-from asft_lightning.curvature import HVPMethod
 from asft_lightning.errors import ArgumentError, DataError, SetupError
 from asft_lightning.restoration import RestorationConfig, RestorationResult, restore
 
@@ -56,20 +55,9 @@ class CurvatureRestoration(Callback):
         num_retain: retain pairs used, >= 1.
         batch_size: pairs per batch, >= 1.
         every_n_epochs: also run after every N-th training epoch (``None``: only at the end of training).
-        method: ``curvature`` or ``first_order`` (baseline).
-        solver: ``cg`` or ``lbfgs``.
-        max_steps: most restoration steps per run, >= 1.
-        damping: initial damping of ``H_t + damping I``, > 0.
-        cg_max_iter: most CG iterations per step, >= 1.
-        trust_region: ``delta`` of the task trust region, > 0.
-        max_step_size: largest step multiplier, > 0.
-        refusal_weight: weight of the refusal loss, >= 0.
-        task_loss_budget: most increase of the retain loss in nats, >= 0.
-        target_margin: stop when the harmful loss reaches ``reference - target_margin`` (negative: go beyond the
-            reference).
-        top_modules: update only the most influential modules (``None``: all), >= 1.
-        hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference``.
         report_name: file written into the log directory with every run's record.
+        **restoration: the restoration settings, the fields of :class:`~asft_lightning.restoration.RestorationConfig`
+            (``method``, ``max_steps``, ``damping``, ``target_margin``, ``hvp_method``, ...), each its own argument.
     """
 
     def __init__(
@@ -86,19 +74,8 @@ class CurvatureRestoration(Callback):
         num_retain: int = 64,
         batch_size: int = 8,
         every_n_epochs: int | None = None,
-        method: Literal["curvature", "first_order"] = "curvature",
-        solver: Literal["cg", "lbfgs"] = "cg",
-        max_steps: int = 10,
-        damping: float = 1.0,
-        cg_max_iter: int = 10,
-        trust_region: float = 0.05,
-        max_step_size: float = 10.0,
-        refusal_weight: float = 0.0,
-        task_loss_budget: float = 0.1,
-        target_margin: float = 0.01,
-        top_modules: int | None = None,
-        hvp_method: HVPMethod = "auto",
         report_name: str = "restoration.json",
+        **restoration: Any,
     ) -> None:
         super().__init__()
         problems = []
@@ -107,18 +84,13 @@ class CurvatureRestoration(Callback):
                 problems.append(f"{name} must be >= 1, got {value}")
         if every_n_epochs is not None and every_n_epochs < 1:
             problems.append(f"every_n_epochs must be >= 1 or None, got {every_n_epochs}")
-        if refusal_weight > 0 and refusal_data is None:
-            problems.append(f"refusal_weight={refusal_weight} > 0 needs refusal_data")
+        if restoration.get("refusal_weight", 0) > 0 and refusal_data is None:
+            problems.append(f"refusal_weight={restoration['refusal_weight']} > 0 needs refusal_data")
         if problems:
             raise ArgumentError("CurvatureRestoration: " + "; ".join(problems))
         try:
-            self.config = RestorationConfig(
-                method=method, solver=solver, max_steps=max_steps, damping=damping, cg_max_iter=cg_max_iter,
-                trust_region=trust_region, max_step_size=max_step_size, refusal_weight=refusal_weight,
-                task_loss_budget=task_loss_budget, target_margin=target_margin, top_modules=top_modules,
-                hvp_method=hvp_method,
-            )
-        except ValueError as err:
+            self.config = RestorationConfig(**restoration)
+        except ArgumentError as err:
             raise ArgumentError(f"CurvatureRestoration: {err}") from err
         self.harmful_data = harmful_data
         self.retain_data = retain_data
