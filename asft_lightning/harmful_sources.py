@@ -16,7 +16,7 @@ Only the *prompts* are used here. The human labels and responses of the scorer s
 (``benchmarks/judge_agreement.py``) and are never read by this module.
 
 :func:`split_sources` groups near-duplicates across all sources (content-word Jaccard, transitively, as
-:func:`asft_lightning.world.near_duplicate_groups`), then deals whole groups, category by category, into the
+:func:`asft_lightning.dedup.near_duplicate_groups`), then deals whole groups, category by category, into the
 ``alignment`` / ``attack`` / ``restoration`` / ``eval`` splits with per-source shares, so that a paraphrase never
 straddles two splits and every split sees every category. :func:`check_disjoint` proves it on the result.
 """
@@ -31,6 +31,8 @@ import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from asft_lightning.dedup import content_words, near_duplicate_groups
 
 __all__ = [
     "HarmfulPrompt",
@@ -178,8 +180,6 @@ def split_sources(
     Raises:
         ValueError: a source without shares, an unknown split, or shares that do not sum to 1.
     """
-    from asft_lightning.world import near_duplicate_groups
-
     shares = SOURCE_SHARES if shares is None else shares
     for source, table in shares.items():
         unknown = set(table) - set(SPLITS)
@@ -217,9 +217,7 @@ def check_disjoint(splits: Mapping[str, Iterable[HarmfulPrompt]], threshold: flo
     Raises:
         ValueError: a pair of splits shares a prompt or a near-duplicate; the message gives the count and examples.
     """
-    from asft_lightning.world import _content_words
-
-    words = {name: [(p.prompt, _content_words(p.prompt)) for p in rows] for name, rows in splits.items()}
+    words = {name: [(p.prompt, content_words(p.prompt)) for p in rows] for name, rows in splits.items()}
     report = {}
     names = list(words)
     for i, a in enumerate(names):

@@ -528,7 +528,8 @@ def _pairs(path: Path, required: bool) -> list[tuple[str, str]]:
 
 
 def _world_wheel(world_dir: Path) -> Path:
-    from asft_lightning.world import ARCHIVES, MANIFEST
+    from asft_lightning.archives import ARCHIVES
+    from asft_lightning.world_cache import MANIFEST
 
     pin = ARCHIVES["advbench"]
     manifest = world_dir / MANIFEST
@@ -547,10 +548,10 @@ def scoring_objectives(wheel: str | Path) -> list[str]:
 
     Raises:
         FileNotFoundError: no wheel at ``wheel``.
-        asft_lightning.world.ChecksumError: the wheel is not the pinned one.
+        asft_lightning.archives.ChecksumError: the wheel is not the pinned one.
     """
     from asft_lightning.checkpoints import sha256_file
-    from asft_lightning.world import ARCHIVES, ChecksumError
+    from asft_lightning.archives import ARCHIVES, ChecksumError
 
     pin = ARCHIVES["advbench"]
     path = Path(wheel)

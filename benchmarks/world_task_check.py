@@ -29,9 +29,10 @@ def main() -> None:
 
     from asft_lightning.cli import lightning_cli
     from asft_lightning.evaluate import evaluate
-    from asft_lightning.world import TASK_LABELS, _auto_threads
+    from asft_lightning.world_data import TASK_LABELS
+    from asft_lightning.world_models import auto_threads
 
-    torch.set_num_threads(args.threads or _auto_threads())
+    torch.set_num_threads(args.threads or auto_threads())
     root = Path(args.cache).resolve()
     out = root / "task_check"
     start = time.perf_counter()
