@@ -407,26 +407,32 @@ def _write_adapter(
     output_dir: Path,
     report: dict[str, Any],
 ) -> None:
-    """The adapter output: factors of ``s B A + gamma V`` per module, zero-padded to one rank, scaling folded."""
-    factors: dict[str, tuple[Tensor, Tensor]] = {}
-    for name in lora.pairs:
+    """The adapter output: factors of ``s B A + gamma V`` per module, zero-padded to one rank, scaling folded.
+
+    The common rank is known from the shapes, so each module is padded and cast to the adapter's dtype as soon as
+    it is computed: peak memory is the output plus one module in float64.
+    """
+
+    def v_rank_of(name: str) -> int:
+        full = min(directions.modules[name].shape)
+        return full if v_rank is None else min(v_rank, full)
+
+    rank = max(lora.rank(n) + (v_rank_of(n) if n in chosen else 0) for n in lora.pairs)
+    new_state = dict(lora.tensors)
+    for name, (a_key, b_key) in lora.pairs.items():
         a, b = lora.factors(name)
         v = directions.modules[name].direction.double() if name in chosen else None
         a2, b2, dropped = resta_factors(a, b, lora.scaling(name), v, gamma, v_rank)
-        factors[name] = (a2, b2)
         entry = report["modules"][name]
         entry["factor_rank"] = int(a2.shape[0])
         if v is not None:
             entry["dropped_fro"] = dropped
             target = float(torch.linalg.matrix_norm(gamma * v)) if gamma else 0.0
             entry["dropped_relative"] = dropped / target if target > 0 else 0.0
-    rank = max(a.shape[0] for a, _ in factors.values())
-    new_state = dict(lora.tensors)
-    for name, (a2, b2) in factors.items():
-        a_key, b_key = lora.pairs[name]
         a2, b2 = pad_rank(a2, b2, rank)
         new_state[a_key] = a2.to(lora.tensors[a_key].dtype).contiguous()
         new_state[b_key] = b2.to(lora.tensors[b_key].dtype).contiguous()
+        del a2, b2, v
     report["rank"] = rank
     config = merged_config(lora.config, rank)
 

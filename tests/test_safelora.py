@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors import safe_open
@@ -149,7 +150,12 @@ def test_cosines_and_projection_match_dense(adapter, direction, reference, tmp_p
     projected = {m for m, r in report["modules"].items() if r["projected"]}
     assert projected == _lowest(reference, 2)
     assert report["num_projected"] == 2 and report["num_modules"] == 4
-    assert report["settings"] == {"mode": "num_proj_layers", "num_proj_layers": 2, "threshold": None}
+    assert report["settings"] == {
+        "mode": "num_proj_layers",
+        "num_proj_layers": 2,
+        "threshold": None,
+        "selection": "published",
+    }
 
     new = load_file(str(out / ADAPTER_WEIGHTS))
     old = load_file(str(Path(adapter) / ADAPTER_WEIGHTS))
@@ -187,12 +193,22 @@ def test_threshold_mode(adapter, direction, reference, tmp_path):
     cases = [((cos[1] + cos[2]) / 2, 2), (cos[0], 0), (cos[0] + 1e-9, 1), (-1.0, 0), (1.0, 4)]
     for i, (threshold, n) in enumerate(cases):
         report = safelora(
-            adapter, direction, str(tmp_path / f"out{i}"), num_proj_layers=None, threshold=threshold
+            adapter,
+            direction,
+            str(tmp_path / f"out{i}"),
+            num_proj_layers=None,
+            threshold=threshold,
+            selection="strict",
         )
         projected = {m for m, r in report["modules"].items() if r["projected"]}
         assert projected == {m for m, r in reference.items() if float(r["cos"]) < threshold}
         assert len(projected) == n, threshold
-        assert report["settings"] == {"mode": "threshold", "num_proj_layers": None, "threshold": threshold}
+        assert report["settings"] == {
+            "mode": "threshold",
+            "num_proj_layers": None,
+            "threshold": threshold,
+            "selection": "strict",
+        }
     # The default num_proj_layers may come along with a threshold (the CLI passes its default through).
     report = safelora(adapter, direction, str(tmp_path / "outd"), threshold=(cos[1] + cos[2]) / 2)
     assert report["settings"]["mode"] == "threshold" and report["num_projected"] == 2
@@ -358,27 +374,27 @@ def test_module_cosine_properties():
     assert module_cosine(a.float(), b.float(), forms[0].to("cpu", torch.float32)).dtype == torch.float32
 
 
-def test_select_modules():
+def test_select_modules_strict():
     cos = {"a": 0.5, "b": 0.1, "c": float("nan"), "d": 0.3, "e": 0.1}
-    assert select_modules(cos, num_proj_layers=1) == ["b"]
-    assert select_modules(cos, num_proj_layers=2) == ["b", "e"]  # ties: first in order
-    assert select_modules(cos, num_proj_layers=3) == ["b", "d", "e"]  # returned in the order of `cos`
-    assert select_modules(cos, num_proj_layers=10) == [
-        "a",
-        "b",
-        "d",
-        "e",
-    ]  # nan (zero update) is never chosen
-    assert select_modules(cos, threshold=0.3) == ["b", "e"]  # strictly below
-    assert select_modules(cos, threshold=0.31) == ["b", "d", "e"]
-    assert select_modules(cos) == ["a", "b", "d", "e"]  # default: 10
+
+    def sel(**kw):
+        return select_modules(cos, selection="strict", **kw)
+
+    assert sel(num_proj_layers=1) == ["b"]  # ties: first in order, exactly k
+    assert sel(num_proj_layers=2) == ["b", "e"]
+    assert sel(num_proj_layers=3) == ["b", "d", "e"]  # returned in the order of `cos`
+    assert sel(num_proj_layers=10) == ["a", "b", "d", "e"]  # nan (zero update) is never chosen
+    assert sel(threshold=0.3) == ["b", "e"]  # strictly below
+    assert sel(threshold=0.31) == ["b", "d", "e"]
+    assert sel() == ["a", "b", "d", "e"]  # default: 10
 
 
 def test_zero_update_module_is_reported_not_projected(adapter, direction):
+    """``strict``: a module without an update has no cosine and is never selected."""
     state = _state64(adapter)
     zero_key = f"{PREFIX}{MODULES[0]}.lora_B.weight"
     state[zero_key] = torch.zeros_like(state[zero_key])
-    new, report = project_adapter(state, load_direction(direction), num_proj_layers=4)
+    new, report = project_adapter(state, load_direction(direction), num_proj_layers=4, selection="strict")
     entry = report["modules"][MODULES[0]]
     assert entry["cosine"] is None and entry["projected"] is False and entry["update_norm"] == 0.0
     assert report["num_zero_updates"] == 1 and report["num_projected"] == 3
@@ -470,7 +486,7 @@ def test_corrupt_adapter_files(adapter, direction, tmp_path):
 def test_not_a_lora_adapter(adapter, direction, tmp_path):
     out = tmp_path / "out"
     ia3 = _edit_adapter(adapter, tmp_path / "ia3", edit_config=lambda c: c.update(peft_type="IA3"))
-    _expect(SafeLoRAError, r"peft_type is 'IA3'; Safe LoRA projects LoRA adapters only", ia3, direction, out)
+    _expect(SafeLoRAError, r"peft_type is 'IA3'; Safe LoRA works on LoRA adapters only", ia3, direction, out)
     dora = _edit_adapter(adapter, tmp_path / "dora", edit_config=lambda c: c.update(use_dora=True))
     _expect(SafeLoRAError, r"DoRA adapter", dora, direction, out)
 
@@ -612,3 +628,197 @@ def test_failed_write_leaves_no_trace(adapter, direction, tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         safelora(adapter, direction, str(out), num_proj_layers=2, overwrite=True)
     assert _snapshot(out) == first and _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- published selection (the authors' rule)
+
+
+def _published_rule(cosines: list[float], num_proj_layers: int | None = None, threshold: float | None = None):
+    """Which modules the published Safe LoRA code projects, re-implemented from its description.
+
+    ``cosines`` are what its ``cosine_similarity(...).item()`` returns (0 for a zero update); each is rounded with
+    ``numpy.round(c, 5)``; in number mode the threshold is ``numpy.sort(cos)[:k][-1]``; a module is projected when
+    ``cos <= threshold``.
+    """
+    rounded = [numpy.round(c, 5) for c in cosines]
+    if threshold is None:
+        threshold = numpy.sort(rounded)[:num_proj_layers][-1]
+    return [bool(c <= threshold) for c in rounded]
+
+
+def _published_cosine(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> float:
+    """The published code's cosine: dense ``(C B) A`` against ``B A``, flattened, torch's ``cosine_similarity``."""
+    fw = (c @ b) @ a
+    ori = b @ a
+    return torch.nn.functional.cosine_similarity(fw.reshape(1, -1), ori.reshape(1, -1)).item()
+
+
+def _chosen(cos: dict[str, float], flags: list[bool]) -> list[str]:
+    return [name for name, flag in zip(cos, flags, strict=True) if flag]
+
+
+def _as_published_input(cos: dict[str, float]) -> list[float]:
+    return [0.0 if math.isnan(v) else v for v in cos.values()]  # cosine_similarity of a zero vector is 0
+
+
+def test_published_selection_ties_at_kth_value():
+    cos = {"a": 0.2, "b": 0.7, "c": 0.2, "d": 0.200000001, "e": 0.4}
+    for k in (1, 2, 3, 4, 5, 9):
+        chosen = select_modules(cos, num_proj_layers=k)
+        expected = _chosen(cos, _published_rule(list(cos.values()), num_proj_layers=k))
+        assert chosen == expected, k
+    assert select_modules(cos, num_proj_layers=1) == ["a", "c", "d"]  # all three round to 0.2: all projected
+    assert select_modules(cos, num_proj_layers=1, selection="strict") == ["a"]  # strict: exactly one
+    assert select_modules(cos, num_proj_layers=4) == ["a", "c", "d", "e"]
+
+
+def test_published_selection_threshold_boundary():
+    # 0.500004 rounds to 0.5: at a threshold of 0.5 the published rule projects it (<=), strict does not (<).
+    cos = {"on": 0.500004, "exact": 0.5, "above": 0.500006, "below": 0.499996}
+    assert select_modules(cos, threshold=0.5) == ["on", "exact", "below"]
+    assert select_modules(cos, threshold=0.5, selection="strict") == ["below"]
+    expected = _chosen(cos, _published_rule(list(cos.values()), threshold=0.5))
+    assert select_modules(cos, threshold=0.5) == expected
+
+
+def test_published_selection_zero_update():
+    """A zero update has cosine 0 under the published rule: it can take a slot and be 'projected'."""
+    cos = {"a": 0.1, "zero": float("nan"), "b": 0.3}
+    assert select_modules(cos, num_proj_layers=1) == ["zero"]
+    assert select_modules(cos, num_proj_layers=1, selection="strict") == ["a"]
+    assert select_modules(cos, threshold=0.0) == ["zero"]
+    assert select_modules(cos, threshold=0.0, selection="strict") == []
+    for k in (1, 2, 3):
+        expected = _chosen(cos, _published_rule(_as_published_input(cos), num_proj_layers=k))
+        assert select_modules(cos, num_proj_layers=k) == expected
+
+
+def test_published_selection_matches_reimplementation_at_random():
+    """Many draws with ties, near-ties at the 5th decimal, zero updates and negative cosines."""
+    rng = numpy.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        values = numpy.round(rng.uniform(-1, 1, n), int(rng.integers(1, 4))) + rng.choice(
+            [0, 1e-7, -3e-6, 4e-6], n
+        )
+        values = numpy.clip(values, -1, 1)
+        cos = {f"m{i}": (float("nan") if rng.random() < 0.15 else float(v)) for i, v in enumerate(values)}
+        published_input = _as_published_input(cos)
+        k = int(rng.integers(1, n + 3))
+        expected = _chosen(cos, _published_rule(published_input, num_proj_layers=k))
+        assert select_modules(cos, num_proj_layers=k) == expected
+        t = float(rng.choice([numpy.round(rng.uniform(-1, 1), 5), published_input[int(rng.integers(0, n))]]))
+        expected = _chosen(cos, _published_rule(published_input, threshold=t))
+        assert select_modules(cos, num_proj_layers=None, threshold=t) == expected
+
+
+def _synthetic_case() -> tuple[dict[str, torch.Tensor], DirectionSet, dict[str, torch.Tensor]]:
+    """Adapter tensors and directions with a tie, a zero update and a cosine at 0.500004; dense C per module."""
+    g = torch.Generator().manual_seed(7)
+    d_out, d_in, r = 6, 5, 2
+    v = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    a0, b0 = torch.randn(r, d_in, generator=g, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64)
+    a3, b3 = torch.randn(r, d_in, generator=g, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64)
+    c_val = 0.500004
+    e1 = torch.tensor([[1.0], [0.0]], dtype=F64)
+    factors = {
+        "layers.0.q": (a0, b0, v),
+        "layers.1.q": (a0.clone(), b0.clone(), v.clone()),  # the same cosine as layers.0.q: a tie
+        "layers.2.q": (a3, torch.zeros(d_out, r, dtype=F64), v),  # no update
+        "layers.3.q": (a3, b3, v),
+        "layers.4.q": (
+            torch.ones(1, 1, dtype=F64),
+            torch.tensor([[c_val], [math.sqrt(1 - c_val**2)]], dtype=F64),
+            None,
+        ),
+    }
+    state, modules, dense = {}, {}, {}
+    for name, (a, b, vv) in factors.items():
+        state[f"{PREFIX}{name}.lora_A.weight"] = a
+        state[f"{PREFIX}{name}.lora_B.weight"] = b
+        shape = (b.shape[0], a.shape[1])
+        if vv is None:  # an orthogonal projector on e1: cos(C B A, B A) = c_val
+            modules[name] = ModuleDirection(name, shape, torch.tensor(1.0, dtype=F64), basis=e1)
+            dense[name] = e1 @ e1.mT
+        else:
+            modules[name] = ModuleDirection(name, shape, torch.linalg.matrix_norm(vv), direction=vv)
+            dense[name] = vv @ vv.mT / torch.linalg.matrix_norm(vv)
+    return state, DirectionSet("synthetic.safetensors", {"projector": {"kind": "mixed"}}, modules), dense
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_proj_layers": k} for k in (1, 2, 3, 4, 5)]
+    + [{"num_proj_layers": None, "threshold": t} for t in (0.5, 0.0, -0.2)],
+)
+def test_project_adapter_published_matches_reimplementation(kwargs):
+    state, directions, dense = _synthetic_case()
+    names = list(directions.modules)
+    published = []
+    for name in names:
+        a, b = state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"]
+        published.append(_published_cosine(a, b, dense[name]))
+    assert published[0] == published[1] and published[2] == 0.0
+    assert numpy.round(published[4], 5) == 0.5 and published[4] > 0.5
+    expected = _published_rule(published, kwargs.get("num_proj_layers"), kwargs.get("threshold"))
+    new, report = project_adapter(state, directions, **kwargs)
+    assert [report["modules"][n]["projected"] for n in names] == expected
+    assert report["settings"]["selection"] == "published"
+    for name, projected in zip(names, expected, strict=True):
+        entry = report["modules"][name]
+        assert entry["selection_cosine"] == pytest.approx(
+            float(numpy.round(published[names.index(name)], 5)), abs=0
+        )
+        b_key = f"{PREFIX}{name}.lora_B.weight"
+        want = dense[name] @ state[b_key] if projected else state[b_key]
+        torch.testing.assert_close(new[b_key], want, rtol=1e-12, atol=1e-15)
+    if "threshold" not in kwargs:
+        assert report["selection_threshold"] == float(
+            numpy.sort(numpy.round(published, 5))[: kwargs["num_proj_layers"]][-1]
+        )
+    json.dumps(report, allow_nan=False)
+
+
+def test_project_adapter_published_vs_strict_differ_where_documented():
+    state, directions, _ = _synthetic_case()
+    _, pub = project_adapter(state, directions, num_proj_layers=None, threshold=0.5)
+    _, strict = project_adapter(state, directions, num_proj_layers=None, threshold=0.5, selection="strict")
+    # the boundary module (0.500004 -> 0.5) and the zero update are projected only under the published rule
+    diff = {n for n in pub["modules"] if pub["modules"][n]["projected"] != strict["modules"][n]["projected"]}
+    assert diff == {"layers.4.q", "layers.2.q"}
+    assert (
+        strict["modules"]["layers.2.q"]["cosine"] is None
+        and pub["modules"]["layers.2.q"]["selection_cosine"] == 0.0
+    )
+
+
+def test_bad_selection(adapter, direction, tmp_path):
+    _expect(
+        SafeLoRAError,
+        r"selection must be 'published' .* or 'strict'",
+        adapter,
+        direction,
+        tmp_path / "out",
+        selection="rounded",
+    )
+
+
+def test_safelora_cli_selection(adapter, direction, tmp_path, capsys):
+    from asft_lightning.cli import main
+
+    for selection in ("published", "strict"):
+        out = tmp_path / selection
+        main(
+            [
+                "safelora",
+                f"--adapter={adapter}",
+                f"--direction={direction}",
+                f"--output={out}",
+                "--num_proj_layers=2",
+                f"--selection={selection}",
+            ]
+        )
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["projected"] == 2
+        report = json.loads((out / REPORT_NAME).read_text())
+        assert report["settings"]["selection"] == selection
