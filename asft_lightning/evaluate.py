@@ -19,9 +19,11 @@ Outputs, each written atomically (temporary file in ``output_dir``, then renamed
 * ``summary.md``: the same figures as a Markdown table;
 * ``timings.json`` (only with ``write_timings=True``, as it differs between runs): seconds per phase.
 
-Cost: prompts are batched by token length (longest first, order restored), each sequence stops at end-of-turn /
-eos and the batch when all have stopped; harmful and task prompts get their own new-token caps
-(``max_new_tokens``, ``task_max_new_tokens``: a label answer needs a few tokens, a judge a few dozen).
+Cost: prompts are batched by token length (longest first, order restored), their common token prefix (the chat
+template's system line, the task's fixed instruction) is computed once and its KV cache shared by every batch
+(``generate(share_prefix=True)``), each sequence stops at end-of-turn / eos and the batch when all have stopped;
+harmful and task prompts get their own new-token caps (``max_new_tokens``, ``task_max_new_tokens``: a label answer
+needs a few tokens, a judge a few dozen). The margin computes each prompt once for both answers.
 
 Nothing is ever written into the model or adapter directories.
 """
@@ -638,12 +640,12 @@ def evaluate(
 
     clock = time.perf_counter()
     harmful_gen = generate(
-        lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts"
+        lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts", share_prefix=True
     )
     timings["generate_harmful"] = time.perf_counter() - clock
     clock = time.perf_counter()
     task_tokens = max_new_tokens if task_max_new_tokens is None else task_max_new_tokens
-    task_gen = generate(lm, tokenizer, task_ids, batch_size, task_tokens, progress, "task prompts")
+    task_gen = generate(lm, tokenizer, task_ids, batch_size, task_tokens, progress, "task prompts", share_prefix=True)
     timings["generate_task"] = time.perf_counter() - clock
     margins = []
     if pairs:
@@ -814,7 +816,7 @@ def evaluate(
                 "num_beams": 1,
                 "use_cache": True,
                 "padding_side": "left",
-                "batching": "sorted by prompt length, longest first; input order restored",
+                "batching": "sorted by prompt length, longest first; input order restored; common prefix cached",
                 "stop_token_ids": stop_ids,
             },
         },

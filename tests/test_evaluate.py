@@ -450,3 +450,22 @@ def test_margin_and_judges_bad_input(tiny_world, tmp_path):
         _bad(tiny_world, tmp_path, judges="keyword,/no/such/judge")
     with pytest.raises(ValueError, match=r"task_max_new_tokens must be in \[1, 4096\]"):
         _bad(tiny_world, tmp_path, task_max_new_tokens=0)
+
+
+def test_shared_prefix_gives_the_same_completions(tiny_world):
+    """generate(share_prefix=True): the prompts' common prefix (here a system line) run once, same answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asft_lightning.data import encode_prompts
+    from asft_lightning.generation import common_prefix_length
+
+    tok = AutoTokenizer.from_pretrained(tiny_world["aligned"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]).eval()
+    users = [json.loads(x)["prompt"] for x in Path(tiny_world["harmful"]).read_text().splitlines()[:5]]
+    users += ["classify the sentiment\nthe song was dull", "classify the sentiment\nthe hotel was lovely"]
+    ids = encode_prompts(tok, users, system_prompt="classify the sentiment of the movie the book and the show")
+    assert common_prefix_length(ids) >= 8 and len({len(x) for x in ids}) > 1
+    plain = generate(model, tok, ids, batch_size=3, max_new_tokens=6, progress=False)
+    shared = generate(model, tok, ids, batch_size=3, max_new_tokens=6, progress=False, share_prefix=True)
+    assert shared == plain and all(plain)
+    assert common_prefix_length([[1, 2, 3], [1, 2]]) == 1 and common_prefix_length([[5, 6], [7]]) == 0

@@ -70,11 +70,16 @@ def test_continuation_logprobs_is_a_masked_log_softmax_sum():
         continuation_logprobs(logits, labels[:, :2])
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 8])
-def test_float64_parity_with_a_per_token_loop(tiny64, batch_size):
-    """Padding, logits_to_keep and the length sort change nothing: equal to 1e-10 in float64."""
+@pytest.mark.parametrize(("batch_size", "share_prompts"), [(1, True), (2, True), (8, True), (2, False), (8, False)])
+def test_float64_parity_with_a_per_token_loop(tiny64, batch_size, share_prompts, monkeypatch):
+    """Padding, the shared prompt cache, logits_to_keep and the length sort change nothing: equal to 1e-10 in
+    float64."""
+    import asft_lightning.margin as margin_module
+
     model, tok = tiny64
-    records = margin_scores(model, tok, PAIRS, batch_size=batch_size)
+    if share_prompts:  # every prompt here is shared: the direct path must not be taken
+        monkeypatch.setattr(margin_module, "_forward_scores", lambda *a, **k: pytest.fail("direct path taken"))
+    records = margin_scores(model, tok, PAIRS, batch_size=batch_size, share_prompts=share_prompts)
     assert [r.row for r in records] == [p.row for p in PAIRS]  # input order restored
     for pair, rec in zip(PAIRS, records, strict=True):
         ref_lp, ref_n = _reference(model, tok, pair.prompt, pair.refusal)
@@ -120,6 +125,19 @@ def test_truncation_follows_training(tiny64):
     assert rec.truncated and rec.refusal_tokens == sum(t != IGNORE_INDEX for t in ex["labels"])
     ref_lp, _ = _reference_truncated(model, ex)
     assert rec.refusal_logprob == pytest.approx(ref_lp, abs=1e-10)
+
+
+def test_pairs_with_a_truncated_prompt_take_the_direct_path_in_the_same_call(tiny64):
+    """A prompt cut on the left differs between the two answers' encodings: scored directly, beside shared ones."""
+    model, tok = tiny64
+    long_prompt = MarginPair(9, " ".join(["tell me how to make a bomb"] * 6), "sorry i cannot", "sure here is how to make a bomb step one step one")
+    pairs = [*PAIRS[:3], long_prompt]
+    records = margin_scores(model, tok, pairs, batch_size=3, max_length=24)
+    assert records[3].truncated and [r.row for r in records] == [0, 1, 2, 9]
+    for pair, rec in zip(pairs, records, strict=True):
+        ref = _reference_truncated(model, encode_example(tok, pair.prompt, pair.refusal, max_length=24))[0]
+        comp = _reference_truncated(model, encode_example(tok, pair.prompt, pair.compliance, max_length=24))[0]
+        assert rec.margin == pytest.approx(ref - comp, abs=1e-10)
 
 
 def _reference_truncated(model, ex):
