@@ -8,9 +8,13 @@ FA; ``fit``, ``validate`` and ``test`` are Lightning's own (``asft fit --help``,
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +36,27 @@ class AsFTCLI(LightningCLI):
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("model.gguf_file", "data.gguf_file")
 
+    def instantiate_trainer(self, **kwargs):
+        """The trainer; without a logger given and without TensorBoard installed, the CSV logger Lightning would
+        fall back to, named up front (Lightning warns about the fallback on every run otherwise)."""
+        import importlib.util
 
-def lightning_cli(args: list[str] | None = None, run: bool = True) -> AsFTCLI:
-    """Run (or only build, with ``run=False``) the Lightning CLI on ``args``."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("logger") in (None, True) and not any(
+            importlib.util.find_spec(name) for name in ("tensorboard", "tensorboardX")
+        ):
+            from lightning.pytorch.loggers import CSVLogger
+
+            kwargs.setdefault("logger", CSVLogger(save_dir=trainer.get("default_root_dir") or os.getcwd()))
+        return super().instantiate_trainer(**kwargs)
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> AsFTCLI:
+    """Run (or only build, with ``run=False``) the Lightning CLI on ``args`` (``None``: the command line).
+
+    ``exit_on_error=False`` raises a bad command line as ``argparse.ArgumentError`` instead of printing the usage
+    and exiting.
+    """
     from asft_lightning.data import AsFTDataModule
     from asft_lightning.module import AsFTModule
 
@@ -46,6 +68,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True) -> AsFTCLI:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         seed_everything_default=42,
+        parser_kwargs={"exit_on_error": exit_on_error},
     )
 
 
@@ -166,9 +189,28 @@ def tiny_world(root: str = ".cache/asft-tiny", seed: int = 0) -> dict:
     return world
 
 
+USAGE = (
+    "usage: asft [--debug] {fit,validate,test,direction,safelora,resta,safemerge,evaluate,restore,prepare-demo,"
+    "tiny-world,demo,basin} ...  (asft SUBCOMMAND --help)"
+)
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``asft`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``asft`` console script.
+
+    Called without ``argv`` it is the program: it reads ``sys.argv``, prints a user error as one line and exits
+    with status 2, and exits with 130 on Ctrl-C (:func:`console`). Given ``argv`` (from Python, as the tests do) it
+    runs the command and lets every exception through.
+    """
+    if argv is None:
+        sys.exit(console(sys.argv[1:]))
+    run(list(argv))
+
+
+def run(argv: list[str], from_console: bool = False) -> None:
+    """Run one ``asft`` command line (without the program name); exceptions propagate."""
     if argv and argv[0] in EXTRA_COMMANDS:
         from jsonargparse import CLI
 
@@ -193,14 +235,111 @@ def main(argv: list[str] | None = None) -> None:
             argv = argv[:1] + bare_flags(argv[1:])
         else:
             fn = {"direction": direction, "safelora": safelora, "tiny-world": tiny_world}[argv[0]]
-        CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}")
+        CLI(fn, args=argv[1:], as_positional=False, prog=f"asft {argv[0]}", exit_on_error=not from_console)
         return
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asft {fit,validate,test,direction,safelora,resta,safemerge,evaluate,restore,prepare-demo,tiny-world,demo,basin} ...  (asft SUBCOMMAND --help)")
+        print(USAGE)
         if not argv:
-            sys.exit(2)
+            sys.exit(USER_ERROR_STATUS)
         return
-    lightning_cli(argv)
+    # From the console LightningCLI reads the command line itself, as it is meant to (sys.argv is this argv).
+    lightning_cli(None if from_console else argv, exit_on_error=not from_console)
+
+
+def console(argv: list[str]) -> int:
+    """Run ``asft`` as a program; returns its exit status.
+
+    * A user error (:class:`~asft_lightning.errors.AsftError`, a bad command line or config file, Lightning's
+      ``MisconfigurationException``, an ``OSError`` on a named path) prints ``asft <command>: error: <message>`` as
+      one line on stderr: status 2. ``--debug`` anywhere on the line, or ``ASFT_DEBUG=1``, prints its traceback
+      first, and Lightning's info lines (seed, devices), which are otherwise held back.
+    * Ctrl-C: status 130 (every output is written atomically, so nothing half-written is left).
+    * Any other exception is a bug: its traceback, as Python prints it.
+    """
+    debug = "--debug" in argv or os.environ.get("ASFT_DEBUG", "").lower() not in ("", "0", "false")
+    argv = [a for a in argv if a != "--debug"]
+    if debug:
+        os.environ["ASFT_DEBUG"] = "1"  # processes that Lightning starts for other ranks re-run this command line
+    sys.argv[1:] = argv
+    command = next((a for a in argv if a in ("fit", "validate", "test", *EXTRA_COMMANDS)), None)
+    prog = f"asft {command}" if command else "asft"
+    _quiet_dependencies(debug)
+    interrupted = _record_interrupts()
+    try:
+        run(argv, from_console=True)
+    except KeyboardInterrupt:
+        return INTERRUPTED_STATUS
+    except SystemExit:
+        if interrupted:  # Lightning turns Ctrl-C during fit into sys.exit(1)
+            return INTERRUPTED_STATUS
+        raise
+    except Exception as err:
+        if interrupted:
+            return INTERRUPTED_STATUS
+        if not _is_user_error(err):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(err, prog)}", file=sys.stderr, flush=True)
+        return USER_ERROR_STATUS
+    return 0
+
+
+def _is_user_error(err: BaseException) -> bool:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from asft_lightning.errors import AsftError
+
+    if isinstance(err, (AsftError, MisconfigurationException, argparse.ArgumentError)):  # the last: a bad command line
+        return True
+    return isinstance(err, OSError) and err.filename is not None  # a path the user named: missing, unwritable, ...
+
+
+def _one_line(err: BaseException, prog: str) -> str:
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return message.removeprefix(f"{prog}: ")
+
+
+def _record_interrupts() -> list[bool]:
+    """Note Ctrl-C (SIGINT) before it turns into an exception; returns a list that is non-empty once it came."""
+    seen: list[bool] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_sigint)
+    return seen
+
+
+def _quiet_dependencies(debug: bool) -> None:
+    """Keep the dependencies' internal notices off the console; the user sees progress, phases, results.
+
+    * Lightning's info lines (seed, devices) unless ``debug``: its warnings still show.
+
+    * DeepSpeed (imported by transformers and accelerate whenever it is installed) guesses its accelerator and logs
+      a warning when it falls back to the CPU: on a machine without CUDA it is told ``DS_ACCELERATOR=cpu`` up front
+      (an explicit setting is kept).
+    * Two deprecation warnings between pinned dependencies, which only their authors can act on: peft's
+      ``PeftModel`` reads transformers' deprecated ``is_gradient_checkpointing``, Lightning's pytree helper builds
+      torch's deprecated ``LeafSpec``.
+    * Lightning's advertising tips (``litlogger``, ``litmodels``).
+    """
+    import logging
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    if not debug:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:"))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -224,6 +225,23 @@ def _innermost_message(err: BaseException) -> str:
     return next((m for m in reversed(messages) if m.strip()), type(err).__name__)
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hold back ``datasets``' progress bars and log lines while it reads a local file: a parse error comes back as
+    this module's one :class:`DataError`, a small file needs no progress bar."""
+    from datasets.utils import logging as ds_logging
+
+    bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
 def _load_table(source: str, argument: str, columns: Mapping[str, str | None], cache_dir: str | None) -> Any:
     """Load ``source`` as a ``datasets.Dataset`` and check that it has rows and the named ``columns``.
 
@@ -259,7 +277,8 @@ def _load_table(source: str, argument: str, columns: Mapping[str, str | None], c
         what = "hub dataset"
         load = partial(datasets.load_dataset, name, split=split, cache_dir=cache_dir)
     try:
-        table = load()
+        with nullcontext() if what == "hub dataset" else _quiet_datasets():
+            table = load()
     except Exception as err:
         message = _innermost_message(err)
         if "corresponds to no data" in message:
