@@ -5,6 +5,8 @@ i.e. ``~/.cache/asft-lightning/world`` unless ``$ASFT_CACHE_DIR`` / ``$XDG_CACHE
 
     python benchmarks/safety_bench.py                       # every method, seeds 42, 1, 2 (hours of CPU)
     python benchmarks/safety_bench.py --methods aligned,sft,asft_safelora --seeds 42
+    python benchmarks/safety_bench.py --methods sft,asft_safelora --sweep lam_safelora=1,10,100 \
+        --out_md benchmarks/results/safety_sweep_safelora.md --out_json benchmarks/results/safety_sweep_safelora.json
 
 Every method goes through the user-facing code paths: ``asft fit`` (LightningCLI, in-process), ``asft safelora``,
 ``asft restore`` and ``asft evaluate``. Each row is evaluated on the world's whole instrument: HS on every held-out
@@ -738,7 +740,7 @@ def write_outputs(summary: dict[str, Any], markdown: str, out_json: Path | None,
             atomic_write_text(text, path)
 
 
-def _header(args: argparse.Namespace, bench: Bench) -> list[str]:
+def _header(args: argparse.Namespace) -> list[str]:
     import torch
 
     cpu = platform.processor() or "unknown CPU"
@@ -798,6 +800,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="progress bars for the evaluations")
     p.add_argument("--out_md", type=Path, default=REPO / "benchmarks" / "results" / "safety.md")
     p.add_argument("--out_json", type=Path, default=REPO / "benchmarks" / "results" / "safety.json")
+    p.add_argument("--sweep", default=None, help="NAME=v1,v2,...: the whole table once per value of setting NAME "
+                   "(write it elsewhere with --out_md / --out_json)")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods.split(",") if m.strip() not in METHODS]
     if unknown:
@@ -811,18 +815,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    bench = Bench(args)
-    header = _header(args, bench)
-    sidecar = Path(bench.paths["direction"] + ".json")
-    spectrum = spectrum_section(sidecar) if sidecar.is_file() else []
+def _run_all(bench: Bench, args: argparse.Namespace, done: Any = None) -> dict[str, Any]:
+    """Every method x seed of ``args`` (seed-major: after the first pass every method has a row); ``done(summary)``
+    after each finished row."""
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
-    for seed in args.seed_list:  # seed-major: after the first pass every method has one row
+    for seed in args.seed_list:
         for method in (m.strip() for m in args.methods.split(",")):
             if method in SEED_FREE and any(r["method"] == method for r in results):
                 continue
@@ -830,8 +828,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results.append(bench.run(method, seed))
             print(f"safety_bench: {method} seed {seed} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             summary = aggregate(results, args.seed_list, replicates=args.replicates)
-            write_outputs(summary, render_markdown(summary, header) + "\n".join(spectrum) + "\n", args.out_json,
-                          args.out_md)
+            if done is not None:
+                done(summary)
+    return summary
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """``--sweep NAME=v1,v2,...``: the whole table once per value of one setting (e.g. ``lam_safelora``, ``p``).
+
+    Writes one Markdown section and one ``safety.json``-shaped object per value (``{"sweep": NAME, "values":
+    {value: object}}``); rows shared between values (e.g. SFT when only a lambda changes) come from the cache.
+    """
+    name, _, values = args.sweep.partition("=")
+    if name in ("seed", "seeds") or not hasattr(args, name) or not values:
+        raise SystemExit(f"--sweep wants NAME=v1,v2,... with NAME a setting other than the seeds (use --seeds), "
+                         f"e.g. lam_safelora or p; got {args.sweep!r}")
+    kind = type(getattr(args, name))
+    sections: dict[str, str] = {}
+    summaries: dict[str, Any] = {}
+    header = _header(args)
+    for value in values.split(","):
+        sub = argparse.Namespace(**{**vars(args), name: kind(value)})
+
+        def done(summary: dict[str, Any], value: str = value) -> None:
+            summaries[value] = summary
+            sections[value] = render_markdown(summary, [f"## {name} = {value}", ""])
+            write_outputs({"sweep": name, "values": summaries}, "\n".join(header + list(sections.values())),
+                          args.out_json, args.out_md)
+
+        _run_all(Bench(sub), sub, done)
+    return {"sweep": name, "values": summaries}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.sweep:
+        return run_sweep(args)
+    bench = Bench(args)
+    header = _header(args)
+    sidecar = Path(bench.paths["direction"] + ".json")
+    spectrum = spectrum_section(sidecar) if sidecar.is_file() else []
+
+    def done(summary: dict[str, Any]) -> None:
+        write_outputs(summary, render_markdown(summary, header) + "\n".join(spectrum) + "\n", args.out_json,
+                      args.out_md)
+
+    summary = _run_all(bench, args, done)
     if summary:
         print(render_markdown(summary, header))
     return summary

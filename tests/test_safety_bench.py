@@ -242,3 +242,13 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr("asft_lightning.evaluate.evaluate", lambda **kw: pytest.fail("re-evaluated a cached row"))
     again = sb.main(argv)
     assert again["rows"] == summary["rows"]
+    # A sweep over AsFT's lambda needs no new SFT or aligned row: their keys do not contain lambda.
+    sweep_json = tmp_path / "res" / "sweep.json"
+    sweep = sb.main([*argv[:-4], "--out_json", str(sweep_json), "--out_md", str(tmp_path / "res" / "sweep.md"),
+                     "--sweep", "lam_safelora=3,30"])
+    assert sweep["sweep"] == "lam_safelora" and list(sweep["values"]) == ["3", "30"]
+    assert all(v["rows"] == summary["rows"] for v in sweep["values"].values())
+    assert json.loads(sweep_json.read_text())["values"]["30"]["rows"] == summary["rows"]
+    assert "## lam_safelora = 30" in (tmp_path / "res" / "sweep.md").read_text()
+    with pytest.raises(SystemExit, match="use --seeds"):
+        sb.main([*argv, "--sweep", "seed=1,2"])
