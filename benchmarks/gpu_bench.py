@@ -267,7 +267,7 @@ def run_variant(variant: str, zero: int, opts: argparse.Namespace, world: dict[s
     """One fit of one variant; tokens/s over the timed steps, peak memory over the whole run."""
     import lightning as L
     import torch
-    from regularizer_bench import PeakProbe
+    from benchlib import PeakProbe
 
     cuda = opts.device == "cuda"
     gc.collect()
@@ -392,7 +392,7 @@ def strategy_report(res: dict[str, Any], opts: argparse.Namespace) -> tuple[list
 
 def machine(opts: argparse.Namespace) -> str:
     import torch
-    from regularizer_bench import cpu_model
+    from benchlib import cpu_model
 
     if opts.device == "cuda":
         prop = torch.cuda.get_device_properties(0)
@@ -484,9 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    from regularizer_bench import git_state
-
-    from asft_lightning.direction import atomic_write_text
+    from benchlib import git_state, write_report
 
     tmp = None
     if opts.workdir:
@@ -543,10 +541,8 @@ def main(argv: list[str] | None = None) -> int:
                              "CPU: peak resident-set increase of the process over the run (VmHWM), not GPU memory"),
         "",
     ]
-    report = "\n".join(head + sections).rstrip() + "\n"
-    print(report)
+    write_report("\n".join(head + sections).rstrip() + "\n", opts.out)
     if opts.out:
-        atomic_write_text(report, Path(opts.out))
         log(f"wrote {opts.out}")
     return 0 if ok else 1
 

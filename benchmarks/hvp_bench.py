@@ -15,25 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from benchlib import SMOLLM2_135M, command_line, interleaved, machine, table, write_report
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from asft_lightning import curvature as cv  # noqa: E402
-
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-5,
-)
+from asft_lightning import curvature as cv
 
 
 def build(quick: bool):
@@ -82,14 +71,7 @@ def main() -> None:
         "finite_difference": lambda: cv.hvp(loss_fn, params, vector, method="finite_difference"),
         "forward_over_reverse": lambda: cv.hvp(loss_fn, params, vector, method="forward_over_reverse"),
     }
-    for fn in runs.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times, _ = interleaved(runs, repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["forward+backward (baseline)"]
     exact = cv.hvp(loss_fn, params, vector, method="double_backward")
@@ -98,32 +80,25 @@ def main() -> None:
         other = cv.hvp(loss_fn, params, vector, method=method)
         errors[method] = float(cv.norm(cv.sub(other, exact)) / cv.norm(exact))
     n_params = sum(v.numel() for v in params.values())
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     lines = [
         "# HVP cost per method (issue 4)",
         "",
         f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        f"- command: `{' '.join(['python', 'benchmarks/hvp_bench.py', *sys.argv[1:]])}`",
+        f"- machine: {machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        f"- command: `{command_line(__file__)}`",
         f"- model: random Llama, SmolLM2-135M shape ({model.base_model.model.config.num_hidden_layers} layers, "
         f"hidden 576), eager attention, LoRA r=8 on q_proj/v_proj ({n_params} parameters), batch {batch} x {seq} "
         f"tokens, {repeats} interleaved repeats (medians)",
         "",
-        "| method | median s | ratio to forward+backward | rel. error vs double_backward |",
-        "|---|---|---|---|",
+        *table(["method", "median s", "ratio to forward+backward", "rel. error vs double_backward"],
+               ([name, f"{value:.3f}", f"{value / base:.2f}x",
+                 f"{errors[name]:.1e}" if name in errors else ("0 (reference)" if name == "double_backward" else "")]
+                for name, value in med.items())),
     ]
-    for name, value in med.items():
-        err = f"{errors[name]:.1e}" if name in errors else ("0 (reference)" if name == "double_backward" else "")
-        lines.append(f"| {name} | {value:.3f} | {value / base:.2f}x | {err} |")
     ratio = med["double_backward"] / base
     lines += ["", f"Target: double backward at most 2.5x a forward+backward: {'met' if ratio <= 2.5 else 'NOT met'} "
               f"({ratio:.2f}x)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

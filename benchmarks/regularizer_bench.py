@@ -31,201 +31,37 @@ import datetime as dt
 import gc
 import json
 import math
-import os
-import platform
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-MiB = 1024 * 1024
-
-# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), randomly initialised here.
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    initializer_range=0.041666666666666664,
-    tie_word_embeddings=True,
-    bos_token_id=0,
-    eos_token_id=0,
+from benchlib import (
+    SMOLLM2_135M,
+    OtherLoad,
+    PeakProbe,
+    busy_processes,
+    command_line,
+    fmt_bytes,
+    fmt_time,
+    git_state,
+    hwm_bytes,
+    interleaved,
+    load_average,
+    machine,
+    maxrss_bytes,
+    median_time,
+    rss_bytes,
+    run_worker,
+    sampled_time,
+    table,
+    targets_table,
+    tensor_bytes,
+    write_report,
 )
-
-
-# ------------------------------------------------------------------------------------------ memory probes
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def hwm_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def reset_peak() -> bool:
-    """Reset the resident high-water mark to the current RSS (Linux >= 4.0); ``False`` if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class PeakProbe:
-    """Peak resident-memory increase over a region: ``with PeakProbe() as p: ...; p.peak_increase``."""
-
-    def __enter__(self) -> PeakProbe:
-        gc.collect()
-        self.reset = reset_peak()
-        self.start_rss = rss_bytes()
-        self.start_hwm = hwm_bytes()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        end_hwm = hwm_bytes()
-        base = self.start_rss if self.reset else self.start_hwm
-        self.peak_increase = max(0, end_hwm - base)
-
-
-# ------------------------------------------------------------------------------------------- small helpers
-def fmt_bytes(n: float) -> str:
-    if n >= 1024**3:
-        return f"{n / 1024**3:.2f} GiB"
-    if n >= MiB:
-        return f"{n / MiB:.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:.1f} KiB"
-    return f"{int(n)} B"
-
-
-def fmt_time(t: float) -> str:
-    if t >= 1:
-        return f"{t:.2f} s"
-    if t >= 1e-3:
-        return f"{t * 1e3:.2f} ms"
-    return f"{t * 1e6:.1f} us"
-
-
-def tensor_bytes(*tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def run_worker(args: list[str], threads: int) -> dict[str, Any]:
-    """Run this file as a worker subprocess; it prints one JSON object on its last stdout line."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args[0]} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    """``model name`` from /proc/cpuinfo, with family/model/stepping and the wide-vector flags."""
-    try:
-        info: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if ":" in line:
-                key, value = (x.strip() for x in line.split(":", 1))
-                info.setdefault(key, value)
-        flags = [
-            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in info.get("flags", "").split()
-        ]
-        return (
-            f"{info.get('model name', 'unknown')} (family {info.get('cpu family')}, model {info.get('model')}, "
-            f"stepping {info.get('stepping')}; {', '.join(flags) or 'no AVX2'})"
-        )
-    except OSError:
-        return platform.processor() or "unknown"
-
-
-def busy_processes(limit: int = 5) -> list[str]:
-    """Top CPU consumers other than this benchmark (``ps``), for the record."""
-    try:
-        out = subprocess.run(
-            ["ps", "-eo", "pid,pcpu,etime,comm", "--sort=-pcpu"], capture_output=True, text=True, check=True
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    mine = {os.getpid(), os.getppid()}
-    rows = []
-    for line in out[1:]:
-        parts = line.split(None, 3)
-        if len(parts) == 4 and int(parts[0]) not in mine and float(parts[1]) >= 5.0:
-            rows.append(f"pid {parts[0]} {parts[3]} {parts[1]}% CPU (up {parts[2]})")
-    return rows[:limit]
-
-
-class OtherLoad(threading.Thread):
-    """Samples, every ``interval`` s, the CPU used by processes outside this benchmark (in cores), from /proc."""
-
-    def __init__(self, interval: float = 5.0) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.samples: list[float] = []
-        self.stop_event = threading.Event()
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    def _ticks(self) -> dict[int, int]:
-        me = os.getpid()
-        out = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid, ppid = int(entry), int(fields[1])
-            if pid == me or ppid == me:
-                continue
-            out[pid] = int(fields[11]) + int(fields[12])  # utime + stime
-        return out
-
-    def run(self) -> None:
-        prev, t_prev = self._ticks(), time.monotonic()
-        while not self.stop_event.wait(self.interval):
-            cur, t = self._ticks(), time.monotonic()
-            used = sum(v - prev.get(pid, v) for pid, v in cur.items() if v >= prev.get(pid, v))
-            self.samples.append(used / self.hz / (t - t_prev))
-            prev, t_prev = cur, t
-
-    def summary(self) -> str:
-        if not self.samples:
-            return "no samples"
-        busy = sum(x > 0.2 for x in self.samples)
-        return (
-            f"mean {statistics.fmean(self.samples):.2f} cores, max {max(self.samples):.2f} cores; "
-            f"{busy} of {len(self.samples)} {self.interval:.0f}-s samples above 0.2 cores"
-        )
 
 
 # ============================================================================ 1. penalty micro-benchmark
@@ -338,23 +174,17 @@ def worker_penalty(opts: argparse.Namespace) -> dict[str, Any]:
     out["fwd_bwd_peak_increase"] = probe.peak_increase
     out["loss"] = float(loss)
     # Timing: each sample is the mean of `inner` calls, chosen so a sample lasts >= ~0.2 s.
-    inner = max(1, math.ceil(0.2 / max(first, 1e-7)))
-    samples = []
-    for _ in range(opts.reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fwd_bwd(fn, A, B)
-        samples.append((time.perf_counter() - t0) / inner)
+    inner, samples = sampled_time(lambda: fwd_bwd(fn, A, B), opts.reps, first)
     out.update(inner=inner, samples=samples, median=statistics.median(samples))
     if opts.variant == "full":
         # Where the full form's time goes: the skinny products with the 4096 x 4096 V, by memory layout.
         V, b = tensors["V"], B.detach()
         x = torch.randn(V.shape[1], b.shape[1])
         out["kernels"] = {
-            "V.mT @ B (as in safelora_apply)": _median_time(lambda: V.mT @ b),
-            "(B.mT @ V).mT (same product)": _median_time(lambda: (b.mT @ V).mT),
-            "V @ x": _median_time(lambda: V @ x),
-            "V.sum() (one read of V)": _median_time(lambda: V.sum()),
+            "V.mT @ B (as in safelora_apply)": median_time(lambda: V.mT @ b),
+            "(B.mT @ V).mT (same product)": median_time(lambda: (b.mT @ V).mT),
+            "V @ x": median_time(lambda: V @ x),
+            "V.sum() (one read of V)": median_time(lambda: V.sum()),
         }
     return out
 
@@ -366,23 +196,7 @@ def worker_baseline(opts: argparse.Namespace) -> dict[str, Any]:
     from asft_lightning import checkpoints, direction  # noqa: F401
 
     gc.collect()
-    return {"maxrss": _maxrss_bytes(), "hwm": hwm_bytes(), "rss": rss_bytes()}
-
-
-def _median_time(fn, n: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
-def _maxrss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"maxrss": maxrss_bytes(), "hwm": hwm_bytes(), "rss": rss_bytes()}
 
 
 def worker_extract(opts: argparse.Namespace) -> dict[str, Any]:
@@ -392,7 +206,7 @@ def worker_extract(opts: argparse.Namespace) -> dict[str, Any]:
     from asft_lightning import checkpoints, direction  # noqa: F401
 
     gc.collect()
-    before = {"maxrss": _maxrss_bytes(), "hwm": hwm_bytes(), "rss": rss_bytes()}
+    before = {"maxrss": maxrss_bytes(), "hwm": hwm_bytes(), "rss": rss_bytes()}
     with PeakProbe() as probe:
         t0 = time.perf_counter()
         ds = direction.extract_direction(
@@ -401,7 +215,7 @@ def worker_extract(opts: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
     return {
         "before": before,
-        "maxrss": _maxrss_bytes(),
+        "maxrss": maxrss_bytes(),
         "hwm": hwm_bytes(),
         "call_peak_increase": probe.peak_increase,
         "peak_reset_ok": probe.reset,
@@ -540,7 +354,7 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
         t0 = time.perf_counter()
         reps = opts.dense_reps if variant == "dense" else opts.reps
         runs[variant] = run_worker(
-            ["penalty", "--variant", variant, "--inputs", str(work), "--reps", str(reps)], opts.threads
+            __file__, ["penalty", "--variant", variant, "--inputs", str(work), "--reps", str(reps)], opts.threads
         )
         log(f"  {variant}: median {fmt_time(runs[variant]['median'])} ({time.perf_counter() - t0:.1f} s)")
     res["runs"] = runs
@@ -573,19 +387,14 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
             else "."
         ),
         "",
-        "| form | stored | stored / C | fwd+bwd median | speedup vs dense | fwd+bwd peak RSS increase | "
-        "(stored + peak) / dense |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for v in ("dense", "full", "subspace", "lowrank"):
-        x = runs[v]
-        total = x["stored_bytes"] + x["fwd_bwd_peak_increase"]
-        lines.append(
-            f"| {names[v]} | {fmt_bytes(x['stored_bytes'])} ({x['stored_bytes']} B) | {x['stored_bytes'] / c_bytes:.6f} | "
-            f"{fmt_time(x['median'])} | {dense['median'] / x['median']:.1f}x | {fmt_bytes(x['fwd_bwd_peak_increase'])} | "
-            f"{total / dense_total:.4f} |"
-        )
-    lines += [
+        *table(
+            ["form", "stored", "stored / C", "fwd+bwd median", "speedup vs dense", "fwd+bwd peak RSS increase",
+             "(stored + peak) / dense"],
+            ([names[v], f"{fmt_bytes(x['stored_bytes'])} ({x['stored_bytes']} B)", f"{x['stored_bytes'] / c_bytes:.6f}",
+              fmt_time(x["median"]), f"{dense['median'] / x['median']:.1f}x", fmt_bytes(x["fwd_bwd_peak_increase"]),
+              f"{(x['stored_bytes'] + x['fwd_bwd_peak_increase']) / dense_total:.4f}"]
+             for v, x in runs.items()),
+        ),
         "",
         f"Timing: median over {len(dense['samples'])} samples for dense (1 call each) and {len(runs['full']['samples'])} "
         "samples for the others (each sample the mean of enough calls to last >= 0.2 s: "
@@ -618,18 +427,15 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         "Agreement with the dense form of the same projector evaluated in float64 (relative differences of the "
         "penalty and of the gradient w.r.t. (A, B)); each factored form evaluated in float64 and in float32:",
         "",
-        "| form | reference | penalty (fp32) | reference penalty | penalty diff fp64 | grad diff fp64 | "
-        "penalty diff fp32 | grad diff fp32 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for v, c in res["checks"].items():
-        lines.append(
-            f"| {v} | {c['reference']} | {c['loss']:.6g} | {c['ref_loss']:.6g} | {c['loss_rel_64']:.1e} | "
-            f"{c['grad_rel_64']:.1e} | {c['loss_rel_32']:.1e} | {c['grad_rel_32']:.1e} |"
-        )
-    lines += [
-        f"| dense published, float32 (as timed) | dense published C | | | | | {res['dense32_rel'][0]:.1e} | "
-        f"{res['dense32_rel'][1]:.1e} |",
+        *table(
+            ["form", "reference", "penalty (fp32)", "reference penalty", "penalty diff fp64", "grad diff fp64",
+             "penalty diff fp32", "grad diff fp32"],
+            [*([v, c["reference"], f"{c['loss']:.6g}", f"{c['ref_loss']:.6g}", f"{c['loss_rel_64']:.1e}",
+                f"{c['grad_rel_64']:.1e}", f"{c['loss_rel_32']:.1e}", f"{c['grad_rel_32']:.1e}"]
+               for v, c in res["checks"].items()),
+             ["dense published, float32 (as timed)", "dense published C", "", "", "", "",
+              f"{res['dense32_rel'][0]:.1e}", f"{res['dense32_rel'][1]:.1e}"]],
+        ),
         "",
         f"`||B A||_F^2` = {res['ba_energy']:.6g}; the published C removes {100 * res['projector_share_pub']:.1f}% of it "
         f"and `I - U_k U_k^T` removes {100 * res['projector_share_sub']:.1f}%, so the checks are not vacuous. "
@@ -727,8 +533,9 @@ def build_checkpoints(work: Path, opts: argparse.Namespace, log) -> dict[str, An
 def extraction_section(world: dict[str, Any], work: Path, opts: argparse.Namespace, log) -> dict[str, Any]:
     out_file = work / "direction.safetensors"
     t0 = time.perf_counter()
-    base_run = run_worker(["baseline"], opts.threads)
+    base_run = run_worker(__file__, ["baseline"], opts.threads)
     ext = run_worker(
+        __file__,
         ["extract", "--aligned", world["aligned"], "--unaligned", world["base"], "--output", str(out_file)],
         opts.threads,
     )
@@ -758,16 +565,16 @@ def extraction_report(
         f"`spectrum_size=8`) wrote {ext['modules']} modules, {fmt_bytes(res['direction_bytes'])}, in "
         f"{fmt_time(ext['time'])}, in a fresh subprocess.",
         "",
-        "| quantity | value |",
-        "|---|---|",
-        f"| peak RSS (VmHWM) of the extraction subprocess | {fmt_bytes(ext['hwm'])} |",
-        f"| peak RSS (VmHWM) of a subprocess that only imports the same modules | {fmt_bytes(base['hwm'])} |",
-        f"| extraction's peak RSS above that baseline | {fmt_bytes(inc)} |",
-        f"| peak RSS increase over the `extract_direction` call alone (mark reset just before) | "
-        f"{fmt_bytes(ext['call_peak_increase'])}{'' if ext['peak_reset_ok'] else ' (reset not permitted)'} |",
-        f"| sum of both checkpoints' file sizes | {fmt_bytes(both)} |",
-        f"| **ratio (peak above baseline) / (both checkpoints)** | **{ratio:.3f}** |",
-        f"| ratio (peak above baseline) / (written direction file) | {inc / res['direction_bytes']:.2f} |",
+        *table(["quantity", "value"], [
+            ["peak RSS (VmHWM) of the extraction subprocess", fmt_bytes(ext["hwm"])],
+            ["peak RSS (VmHWM) of a subprocess that only imports the same modules", fmt_bytes(base["hwm"])],
+            ["extraction's peak RSS above that baseline", fmt_bytes(inc)],
+            ["peak RSS increase over the `extract_direction` call alone (mark reset just before)",
+             fmt_bytes(ext["call_peak_increase"]) + ("" if ext["peak_reset_ok"] else " (reset not permitted)")],
+            ["sum of both checkpoints' file sizes", fmt_bytes(both)],
+            ["**ratio (peak above baseline) / (both checkpoints)**", f"**{ratio:.3f}**"],
+            ["ratio (peak above baseline) / (written direction file)", f"{inc / res['direction_bytes']:.2f}"],
+        ]),
         "",
         "Why VmHWM and not `ru_maxrss`: a child's `ru_maxrss` inherits the peak of the parent process it was "
         "spawned from (Linux folds the pre-exec memory's high-water mark into it), so in this harness it read "
@@ -816,35 +623,21 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
     labels[:, : seq // 2] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-    def step(key: str) -> tuple[float, float]:
-        """One training step: (wall-clock seconds, CPU seconds of this process)."""
+    def step(key: str) -> None:
+        """One training step."""
         m, o = mods[key], opts_[key]
-        t, c = time.perf_counter(), time.process_time()
         o.zero_grad(set_to_none=True)
-        out = m._step(batch, with_grad=True)
-        out["loss"].backward()
+        m._step(batch, with_grad=True)["loss"].backward()
         o.step()
-        return time.perf_counter() - t, time.process_time() - c
 
-    order = list(variants)
-    for _ in range(opts.step_warmup):
-        for key in order:
-            step(key)
-    times: dict[str, list[float]] = {k: [] for k in order}
-    cpu: dict[str, list[float]] = {k: [] for k in order}
     t0 = time.perf_counter()
-    for rep in range(opts.step_reps):
-        rot = order[rep % len(order) :] + order[: rep % len(order)]  # rotate to cancel position effects
-        for key in rot:
-            wall, used = step(key)
-            times[key].append(wall)
-            cpu[key].append(used)
+    times, cpu = interleaved({key: (lambda key=key: step(key)) for key in variants}, opts.step_reps, opts.step_warmup)
     log(f"  {opts.step_reps} interleaved reps x 3 variants in {time.perf_counter() - t0:.1f} s")
     with torch.no_grad():
         final = mods["lam1"]._step(batch, with_grad=False)
     isolated = {
-        "with_grad": _median_time(lambda: anchor_work(mods["lam1"], True), 9),
-        "value_only": _median_time(lambda: anchor_work(mods["lam0"], False), 9),
+        "with_grad": median_time(lambda: anchor_work(mods["lam1"], True), 9),
+        "value_only": median_time(lambda: anchor_work(mods["lam0"], False), 9),
     }
     trainable = sum(p.numel() for p in mods["lam1"].parameters() if p.requires_grad)
     res = {
@@ -931,16 +724,17 @@ def step_report(
         "`loss.backward()` + `AdamW.step()`, no Trainer, module in train mode. The three modules are stepped in "
         f"rotating interleaved order, {len(res['times']['lam1'])} steps each after warm-up.",
         "",
-        "| variant | median step | fastest step | ratio of medians | median of paired ratios | ratio of fastest |",
-        "|---|---|---|---|---|---|",
-        f"| no direction (`direction=None, lam=0`) | {fmt_time(med['none'])} | {fmt_time(mn['none'])} | 1 | 1 | 1 |",
-        f"| anchor, `lam=0` (penalty value and drift statistics, no gradient), vs no direction | "
-        f"{fmt_time(med['lam0'])} | {fmt_time(mn['lam0'])} | {r0n:.4f} | {res['paired_lam0_none']:.4f} | "
-        f"{mn['lam0'] / mn['none']:.4f} |",
-        f"| **anchor, `lam=1`, vs `lam=0`** | {fmt_time(med['lam1'])} | {fmt_time(mn['lam1'])} | **{r10:.4f}** | "
-        f"{res['paired_lam1_lam0']:.4f} | {mn['lam1'] / mn['lam0']:.4f} |",
-        f"| anchor, `lam=1`, vs no direction | | | {med['lam1'] / med['none']:.4f} | {res['paired_lam1_none']:.4f} | "
-        f"{mn['lam1'] / mn['none']:.4f} |",
+        *table(
+            ["variant", "median step", "fastest step", "ratio of medians", "median of paired ratios", "ratio of fastest"],
+            [["no direction (`direction=None, lam=0`)", fmt_time(med["none"]), fmt_time(mn["none"]), 1, 1, 1],
+             ["anchor, `lam=0` (penalty value and drift statistics, no gradient), vs no direction",
+              fmt_time(med["lam0"]), fmt_time(mn["lam0"]), f"{r0n:.4f}", f"{res['paired_lam0_none']:.4f}",
+              f"{mn['lam0'] / mn['none']:.4f}"],
+             ["**anchor, `lam=1`, vs `lam=0`**", fmt_time(med["lam1"]), fmt_time(mn["lam1"]), f"**{r10:.4f}**",
+              f"{res['paired_lam1_lam0']:.4f}", f"{mn['lam1'] / mn['lam0']:.4f}"],
+             ["anchor, `lam=1`, vs no direction", "", "", f"{med['lam1'] / med['none']:.4f}",
+              f"{res['paired_lam1_none']:.4f}", f"{mn['lam1'] / mn['none']:.4f}"]],
+        ),
         "",
         "The anchor's own work, timed alone (all its per-layer computations for one step, outside the model, "
         f"median of 9): with gradients (lam > 0) {fmt_time(iso['with_grad'])} = "
@@ -981,19 +775,6 @@ def step_report(
 
 
 # ============================================================================================ report
-def git_state() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "asft_lightning"], cwd=REPO, capture_output=True, text=True
-        ).stdout
-        return head.strip() + (" (asft_lightning/ has uncommitted changes)" if dirty.strip() else " (clean)")
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -1041,9 +822,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     monitor = OtherLoad()
     monitor.start()
-    load_start = os.getloadavg()
+    load_start = load_average()
     busy_start = busy_processes()
-    command = "python " + " ".join(shlex.quote(a) for a in ([os.path.relpath(__file__, REPO)] + sys.argv[1:]))
+    command = command_line(__file__)
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -1088,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     elapsed = time.perf_counter() - started
-    load_end = os.getloadavg()
+    load_end = load_average()
     monitor.stop_event.set()
     head = [
         "# AsFT regulariser benchmark",
@@ -1096,43 +877,25 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{command}` (from the repository root)",
         f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}; wall time {elapsed / 60:.1f} min"
         + (" (--quick)" if opts.quick else ""),
-        f"- Machine: {os.cpu_count()} x {cpu_model()}, {_mem_total()} RAM, {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}",
+        f"- Machine: {machine()}",
         f"- torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, set with "
         f"`torch.set_num_threads({opts.threads})`; subprocesses the same), transformers {transformers.__version__}, "
         f"peft {peft.__version__}",
         f"- Code: git {git_state()}",
-        f"- Load average (1/5/15 min) at start {_fmt_load(load_start)}, at end {_fmt_load(load_end)}; other processes "
+        f"- Load average (1/5/15 min) at start {load_start}, at end {load_end}; other processes "
         f"using >= 5% CPU at start: {'; '.join(busy_start) if busy_start else 'none'}",
         f"- CPU used by processes other than this benchmark during the run (sampled from /proc): "
         f"{monitor.summary()}",
         "",
         "## Targets",
         "",
-        "| figure | target | measured | met |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {'yes' if ok else '**NO**'} |" for a, b, c, ok in targets],
+        *targets_table(targets),
         "",
     ]
-    report = "\n".join(head + sections).rstrip() + "\n"
-    print(report)
+    write_report("\n".join(head + sections).rstrip() + "\n", opts.out)
     if opts.out:
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.out).write_text(report)
         log(f"wrote {opts.out}")
     return 0
-
-
-def _mem_total() -> str:
-    try:
-        kib = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
-        return fmt_bytes(kib * 1024)
-    except (OSError, StopIteration):
-        return "unknown"
-
-
-def _fmt_load(load: tuple[float, float, float]) -> str:
-    return "/".join(f"{x:.2f}" for x in load)
 
 
 if __name__ == "__main__":
