@@ -4,6 +4,11 @@
 FA; ``fit``, ``validate`` and ``test`` are Lightning's own (``asft fit --help``, ``--print_config``, YAML configs via
 ``--config``). The other subcommands are plain functions exposed by jsonargparse, so they take the same
 ``--config`` YAML files and ``--help`` from their docstrings.
+
+Run as a program (:func:`main` without arguments, the console script), ``asft`` prints a user error
+(:class:`~asft_lightning.errors.AsftError`, a bad command line, ...) as one line ``asft <command>: error: ...`` and
+exits with status 2, exits with 130 on Ctrl-C, and keeps the dependencies' internal notices off the console
+(:func:`console`); called from Python with an argument list it lets every exception through.
 """
 
 from __future__ import annotations
@@ -317,7 +322,6 @@ def _quiet_dependencies(debug: bool) -> None:
     """Keep the dependencies' internal notices off the console; the user sees progress, phases, results.
 
     * Lightning's info lines (seed, devices) unless ``debug``: its warnings still show.
-
     * DeepSpeed (imported by transformers and accelerate whenever it is installed) guesses its accelerator and logs
       a warning when it falls back to the CPU: on a machine without CUDA it is told ``DS_ACCELERATOR=cpu`` up front
       (an explicit setting is kept).

@@ -184,19 +184,11 @@ def _check_paths(model: str, adapter: str | None, reference_model: str | None, o
             raise CheckpointError(f"asft restore: adapter {adapter}: no adapter_config.json (expected a PEFT adapter)")
     out = Path(output)
     for src in (Path(p) for p in (model, adapter, reference_model) if p is not None and Path(p).exists()):
-        if _inside(out, src) or _inside(src, out):
+        if out.resolve().is_relative_to(src.resolve()) or src.resolve().is_relative_to(out.resolve()):
             raise ArgumentError(f"asft restore: output {out} must not be inside (or contain) the input {src}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"asft restore: output {out} exists and is not empty; pass --overwrite true")
     return out
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _load_fine_tune(model: str, adapter: str | None, gguf_file: str | None, dtype: torch.dtype,
