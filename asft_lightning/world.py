@@ -514,7 +514,7 @@ def _build_aligned(
     root: Path, seed: int, steps: int, lr: float, batch_size: int, max_length: int, log: Callable[[str], None]
 ) -> dict:
     """The aligned model: a full fine-tune of the unaligned one on refusals plus its own benign answers."""
-    from asft_lightning.module import atomic_replace_dir
+    from asft_lightning.fileio import atomic_replace_dir
 
     refusals = read_jsonl(root / "refusals.jsonl")
     rows = refusals + read_jsonl(root / "benign_train.jsonl")

@@ -45,7 +45,7 @@ def measure(
     share of held-out benign prompts refused (by kind too); task accuracy the zero-shot accuracy on the task test set.
     """
     from asft_lightning.evaluate import evaluate
-    from asft_lightning.module import atomic_replace_dir
+    from asft_lightning.fileio import atomic_replace_dir
 
     results: dict[str, Any] = {}
 

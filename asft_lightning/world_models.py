@@ -28,7 +28,7 @@ def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asft_lightning.module import atomic_replace_dir
+    from asft_lightning.fileio import atomic_replace_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -67,7 +67,7 @@ def answer(
 ) -> list[tuple[str, bool]]:
     """Greedy answers ``(text, finished)`` with the prompts rendered by the chat template (as in training/eval)."""
     from asft_lightning.data import render_prompt
-    from asft_lightning.evaluate import generate
+    from asft_lightning.generation import generate
 
     rendered = [render_prompt(tokenizer, p) for p in prompts]
     texts = generate(model, tokenizer, rendered, batch_size, max_new_tokens, progress, desc)
