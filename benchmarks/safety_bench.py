@@ -110,9 +110,11 @@ def digest(path: str | os.PathLike) -> str:
     return _DIGESTS[memo]
 
 
-def world_paths(world: str | os.PathLike, overrides: dict[str, str] | None = None) -> dict[str, str]:
+def world_paths(
+    world: str | os.PathLike, overrides: dict[str, str] | None = None, required: Sequence[str] = REQUIRED
+) -> dict[str, str]:
     """The files of a world: ``world.json``'s ``paths`` (relative ones resolved against the world), else the default
-    file names of :data:`WORLD_FILES`; ``overrides`` win.
+    file names of :data:`WORLD_FILES`; ``overrides`` win. ``required`` lists the keys that must exist.
 
     Raises:
         FileNotFoundError: no ``world.json``, or a required file missing (named, with the key it came from).
@@ -129,7 +131,7 @@ def world_paths(world: str | os.PathLike, overrides: dict[str, str] | None = Non
     for key, name in WORLD_FILES.items():
         value = (overrides or {}).get(key) or listed.get(key) or name
         paths[key] = value if os.path.isabs(value) else str(root / value)
-    missing = [k for k in REQUIRED if not Path(paths[k]).exists()]
+    missing = [k for k in required if not Path(paths[k]).exists()]
     if missing:
         raise FileNotFoundError(
             f"--world {str(root)!r}: missing "
