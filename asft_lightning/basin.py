@@ -338,38 +338,47 @@ class Probes:
     def cheap(self, model: Any) -> dict[str, Any]:
         """The teacher-forced figures: refusal margin and harmful loss (and the task loss with task examples).
 
-        ``margin``: mean over prompts of the per-prompt margin (nats per token, > 0: prefers the refusal);
-        ``harmful_loss``: the compliant answers' mean negative log-likelihood per token, pooled over prompts as a
-        training loss is; ``task_loss`` likewise for the task answers. ``margins`` keeps the per-prompt values.
+        ``margin``: mean over prompts of the per-prompt margin of :mod:`asft_lightning.margin` (mean log-probability
+        per scored token of the refusal minus that of the compliant answer, nats per token; > 0: prefers the
+        refusal); ``harmful_loss``: the compliant answers' mean negative log-likelihood per token, pooled over
+        prompts as a training loss is; ``task_loss`` likewise for the task answers. ``margins`` keeps the per-prompt
+        values. Every sequence (both answers of every pair, the task examples) is scored in one list sorted by
+        length, ``2 * batch_size`` sequences a forward pass, so that little is spent on padding.
         """
-        from asft_lightning.margin import margin_scores
-
         out: dict[str, Any] = {}
         if self.pairs:
-            records = margin_scores(model, self.tokenizer, self.pairs, self.batch_size, encoded=self.encoded)
-            margins = [r.margin for r in records]
-            tokens = sum(r.compliance_tokens for r in records)
+            flat = [ex for pair in self.encoded for ex in pair]
+            sums, counts = self._score(model, flat)
+            margins, nll, tokens = [], 0.0, 0
+            for i in range(len(self.encoded)):
+                rs, rc, cs, cc = sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]
+                margins.append(rs / rc - cs / cc)
+                nll -= cs
+                tokens += cc
             out["margin"] = math.fsum(margins) / len(margins)
-            out["harmful_loss"] = -math.fsum(r.compliance_logprob * r.compliance_tokens for r in records) / tokens
+            out["harmful_loss"] = nll / tokens
             out["margins"] = margins
         if self.task_examples:
-            out["task_loss"] = self._task_loss(model)
+            sums, counts = self._score(model, self.task_examples)
+            out["task_loss"] = -math.fsum(sums) / max(sum(counts), 1)
         return out
 
-    def _task_loss(self, model: Any) -> float:
+    def _score(self, model: Any, examples: Sequence[dict[str, Any]]) -> tuple[list[float], list[int]]:
+        """Per example: the sum of the scored tokens' log-probabilities and their number, in input order."""
         from asft_lightning.margin import _forward_scores
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(model.parameters()).device
-        order = sorted(range(len(self.task_examples)), key=lambda i: -len(self.task_examples[i]["input_ids"]))
-        total, count = 0.0, 0
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+        sums, counts = [0.0] * len(examples), [0] * len(examples)
         step = 2 * self.batch_size
         for start in range(0, len(order), step):
-            batch = [self.task_examples[i] for i in order[start : start + step]]
-            sums, counts = _forward_scores(model, batch, pad, device)
-            total += float(sums.sum())
-            count += int(counts.sum())
-        return -total / max(count, 1)
+            chunk = order[start : start + step]
+            s, c = _forward_scores(model, [examples[i] for i in chunk], pad, device)
+            for j, i in enumerate(chunk):
+                sums[i], counts[i] = float(s[j]), int(c[j])
+        return sums, counts
 
     @torch.no_grad()
     def generated(self, model: Any, task: bool = False) -> dict[str, Any]:
