@@ -804,8 +804,9 @@ def _check_examples(examples: Sequence[dict[str, Any]]) -> None:
 def _fit(x: Any, y: np.ndarray, c: float, seed: int) -> tuple[np.ndarray, float]:
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=c, solver="liblinear", class_weight="balanced", max_iter=2000,
-                               random_state=seed, tol=1e-6)
+    # the dual problem: far fewer examples than hashed features (liblinear's advice); seeded coordinate order
+    model = LogisticRegression(C=c, solver="liblinear", dual=True, class_weight="balanced", max_iter=5000,
+                               random_state=seed, tol=1e-4)
     model.fit(x, y)
     return model.coef_[0].astype(np.float32), float(model.intercept_[0])
 
@@ -850,7 +851,7 @@ def train_refusal_judge(
     """Fit the judge on ``examples`` (from :func:`build_judge_examples`) and write it to ``out_dir``.
 
     The idf of the relevance features is learnt from the examples' prompts and responses; a logistic regression
-    (liblinear, L2, ``C = c``, balanced class weights, ``random_state = seed``) is fitted on all examples; the
+    (liblinear, dual, L2, ``C = c``, balanced class weights, ``random_state = seed``) is fitted on all examples; the
     verdict is "refused" where its refusal probability exceeds 0.5 (fixed, not tuned). With ``validate`` a second
     fit on 85% of the prompts scores the other 15% (constructed data, a sanity check; recorded in the config).
     Deterministic for a seed.
@@ -899,7 +900,7 @@ def train_refusal_judge(
         "featurizer": {"settings": asdict(settings), "version": FEATURIZER_VERSION,
                        "fingerprint": featurizer.fingerprint(), "n_features": featurizer.n_features,
                        "dense": list(DENSE_NAMES), "scikit_learn": sklearn.__version__},
-        "model": {"type": "logistic_regression", "solver": "liblinear", "C": c, "class_weight": "balanced",
+        "model": {"type": "logistic_regression", "solver": "liblinear (dual)", "C": c, "class_weight": "balanced",
                   "seed": seed, "positive_class": "refused", "threshold": 0.5},
         "weights": {"file": weights_name, "sha256": weights_sha, "bytes": len(data)},
         "training": {
