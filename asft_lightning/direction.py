@@ -6,7 +6,12 @@ e.g. ``model.layers.0.self_attn.q_proj``) it holds some of
 * ``<name>.direction``: ``V`` itself, ``(d_out, d_in)`` (projector ``safelora``, full rank);
 * ``<name>.basis``: ``U_k``, the top-``k`` left singular vectors of ``V``, ``(d_out, k)``;
 * ``<name>.weights``: ``w``, the eigenvalues of ``C`` on ``U_k`` (projector ``safelora`` kept low rank);
+* ``<name>.right``: the matching top-``k`` right singular vectors of ``V``, ``(d_in, k)`` (low-rank forms; with
+  ``U_k`` they give ``V``'s singular components ``u_i v_i^T`` for the per-component sign penalty);
+* ``<name>.singular``: all singular values of ``V``, descending, float64;
 * ``<name>.norm``: ``||V||_F`` (a scalar, always present).
+
+Files written before ``right`` / ``singular`` existed still load; the forms that need them say so.
 
 and the JSON metadata (source paths, input hashes, module shapes, dtype, projector, spectrum) under the
 safetensors header key ``asft``; the same JSON is written beside it as ``<file>.json`` for people to read.
@@ -28,9 +33,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from asft_lightning import regularizers as R
+from asft_lightning.adapter_io import ADAPTER_CONFIG, read_adapter
 from asft_lightning.checkpoints import CheckpointError, CheckpointReader, architecture_fingerprint
 from asft_lightning.errors import AsftError
-from asft_lightning.fileio import atomic_write_bytes, atomic_write_file, atomic_write_text  # noqa: F401 (the writers' old home)
+from asft_lightning.fileio import atomic_write_bytes, atomic_write_file, atomic_write_text, sha256_file  # noqa: F401 (the writers' old home)
 
 FORMAT_VERSION = 1
 Projector = Literal["safelora", "subspace"]
@@ -62,6 +68,8 @@ class ModuleDirection:
         direction: ``V`` (full form) or ``None``.
         basis: ``U_k`` (low-rank forms) or ``None``.
         weights: eigenvalues of ``C`` on ``U_k``; ``None`` with a basis means the orthogonal projector.
+        right: the top-``k`` right singular vectors of ``V`` matching ``basis`` (``(d_in, k)``) or ``None``.
+        singular: singular values of ``V``, descending (all of them, or at least the top one), or ``None``.
     """
 
     name: str
@@ -70,6 +78,15 @@ class ModuleDirection:
     direction: Tensor | None = None
     basis: Tensor | None = None
     weights: Tensor | None = None
+    right: Tensor | None = None
+    singular: Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """``full`` (``V`` stored), ``eigenpairs`` (the published ``C``'s top-k eigenpairs) or ``subspace``."""
+        if self.basis is None:
+            return "full"
+        return "subspace" if self.weights is None else "eigenpairs"
 
     def apply(self, matrix: Tensor) -> Tensor:
         """``C @ matrix`` for a ``(d_out, r)`` matrix."""
@@ -81,6 +98,34 @@ class ModuleDirection:
         """``||(I - C) B A||_F^2`` with this module's ``C``."""
         return R.frobenius_of_product(lora_B - self.apply(lora_B), lora_A)
 
+    def top_singular_value(self) -> Tensor:
+        """``sigma_1`` of ``V``: from ``singular``, else from the eigenpairs (``sqrt(w_1 ||V||_F)``), else computed
+        from ``V`` once (files written before ``singular`` was stored) and kept in ``singular``."""
+        if self.singular is not None:
+            return self.singular[0]
+        if self.weights is not None:
+            return (self.weights.max() * self.norm).sqrt()
+        if self.direction is None:
+            raise DirectionError(f"module {self.name}: a subspace basis carries no singular values")
+        self.singular = torch.linalg.matrix_norm(self.direction.double(), ord=2).reshape(1)
+        return self.singular[0]
+
+    def normalized_penalty(self, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``||(I - C / lambda_max(C)) B A||_F^2`` with this module's ``C``: ``V V^T / sigma_1^2`` (full),
+        ``U diag(w / max w) U^T`` (eigenpairs), ``U U^T`` (subspace, already of top eigenvalue 1)."""
+        if self.basis is not None:
+            weights = None if self.weights is None else self.weights / self.weights.max()
+            return R.lowrank_penalty(lora_A, lora_B, self.basis, weights)
+        return R.normalized_penalty(lora_A, lora_B, self.direction, self.top_singular_value())
+
+    def inside_energy(self, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``||U U^T B A||_F^2``: the update's energy inside the stored subspace (needs ``basis``)."""
+        return R.inside_energy(lora_A, lora_B, self.basis)
+
+    def component_sign_penalty(self, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """``sum_i relu(-u_i^T B A v_i)^2`` over the stored singular components (needs ``basis`` and ``right``)."""
+        return R.component_sign_penalty(lora_A, lora_B, self.basis, self.right)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ModuleDirection:
         """A copy on ``device`` (and ``dtype``, if given); tensors already there are not copied."""
 
@@ -88,7 +133,8 @@ class ModuleDirection:
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
         return ModuleDirection(
-            self.name, self.shape, mv(self.norm), mv(self.direction), mv(self.basis), mv(self.weights)
+            self.name, self.shape, mv(self.norm), mv(self.direction), mv(self.basis), mv(self.weights),
+            mv(self.right), mv(self.singular),
         )
 
 
@@ -103,6 +149,12 @@ class DirectionSet:
     @property
     def projector(self) -> str:
         return self.metadata["projector"]["kind"]
+
+    @property
+    def reference(self) -> str:
+        """What ``V`` was taken against: ``base`` (the model before alignment) or ``harmful`` (a harmful fine-tune
+        of the aligned model). Files that do not say are ``base``."""
+        return self.metadata.get("reference", "base")
 
     def check_model(self, fingerprint: dict[str, Any], source: str) -> None:
         """Raise :class:`DirectionError` if the file was made for another architecture than ``fingerprint``."""
@@ -168,23 +220,42 @@ def load_direction(path: str | os.PathLike, device: str | torch.device = "cpu") 
             direction=tensors.get(f"{name}.direction"),
             basis=tensors.get(f"{name}.basis"),
             weights=tensors.get(f"{name}.weights"),
+            right=tensors.get(f"{name}.right"),
+            singular=tensors.get(f"{name}.singular"),
         )
         if md.direction is None and md.basis is None:
             raise DirectionError(f"{path}: module {name} has neither '{name}.direction' nor '{name}.basis'")
+        if md.right is not None and (
+            md.basis is None or tuple(md.right.shape) != (md.shape[1], md.basis.shape[1])
+        ):
+            raise DirectionError(
+                f"{path}: module {name}: '{name}.right' has shape {tuple(md.right.shape)}, expected "
+                f"(d_in, k) = ({md.shape[1]}, {md.basis.shape[1] if md.basis is not None else '?'}) beside its basis"
+            )
         out.modules[name] = md
     return out
 
 
-def _top_basis(v: Tensor, rank: int | None, energy: float | None) -> tuple[Tensor, Tensor]:
-    """Top left singular vectors of ``v`` and all its singular values; ``k`` by ``rank`` or ``energy``."""
-    u, s, _ = torch.linalg.svd(v.double(), full_matrices=False)
+def numerical_rank(s: Tensor, shape: tuple[int, ...]) -> int:
+    """How many singular values of a float32-valued matrix are above its rounding noise:
+    ``sigma_i > sigma_1 * max(d_out, d_in) * eps(float32)`` (at least 1)."""
+    tol = float(s[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return max(1, int((s > tol).sum()))
+
+
+def _top_basis(v: Tensor, rank: int | None, energy: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Top left and right singular vectors of ``v`` (``(d_out, k)``, ``(d_in, k)``) and all its singular values;
+    ``k`` by ``rank`` or ``energy``, never beyond ``v``'s numerical rank (the singular vectors of a zero singular
+    value are arbitrary, e.g. past rank ``r`` of a direction taken from a rank-``r`` LoRA adapter)."""
+    u, s, vh = torch.linalg.svd(v.double(), full_matrices=False)
     if rank is not None:
         k = min(rank, s.numel())
     else:
         cumulative = torch.cumsum(s.square(), 0) / s.square().sum().clamp_min(1e-300)
         k = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
         k = min(k, s.numel())
-    return u[:, :k], s
+    k = min(k, numerical_rank(s, tuple(v.shape)))
+    return u[:, :k], vh[:k].mT, s
 
 
 def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -199,6 +270,52 @@ def _targeted_weights(reader: CheckpointReader, target_modules: str | list[str])
         if key.endswith(".weight") and len(reader.shape(key)) == 2 and module_matches(key[:-7], target_modules):
             names.append(key[:-7])
     return sorted(names, key=_natural_key)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (it holds ``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+class AdapterReference:
+    """A PEFT LoRA adapter trained on the aligned model, read as the checkpoint ``W_aligned + s B A``.
+
+    Only what :func:`extract_direction` needs: the adapted modules' weight keys and shapes, and per module the
+    direction ``W_aligned - (W_aligned + s B A) = -s B A`` itself (exact, no subtraction of two large weights).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.adapter = read_adapter(path, error=DirectionError, method="asft direction", flag="unaligned")
+        self.path = str(path)
+        self.gguf_file = None
+        self.base_model = self.adapter.config.get("base_model_name_or_path")
+
+    def keys(self) -> list[str]:
+        return [f"{m}.weight" for m in self.adapter.pairs]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.adapter.shapes[key[: -len(".weight")]])
+
+    def check_covers(self, names: list[str], shapes: dict[str, tuple[int, ...]], aligned: str) -> None:
+        """Refuse targeted modules the adapter does not adapt: their direction would be zero."""
+        missing = [n for n in names if n not in self.adapter.pairs]
+        if missing:
+            raise DirectionError(
+                f"unaligned adapter {self.path} adapts {len(self.adapter.pairs)} module(s) but not {len(missing)} "
+                f"targeted one(s) of {aligned}, e.g. {missing[:3]}: their direction would be zero; give "
+                "target_modules the adapter's modules, or make the harmful fine-tune's LoRA target these too"
+            )
+
+    def direction(self, name: str) -> Tensor:
+        """``-s B A`` of module ``name`` (float32, computed in float64)."""
+        a, b = self.adapter.factors(name)
+        return (-self.adapter.scaling(name) * (b @ a)).to(torch.float32)
+
+    def release(self) -> None:
+        pass
+
+    def file_hashes(self) -> dict[str, str]:
+        return {str(self.adapter.weights_path): sha256_file(self.adapter.weights_path)}
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -226,6 +343,9 @@ def extract_direction(
         aligned: the safety-aligned checkpoint (HF directory or ``.gguf`` file).
         unaligned: the reference checkpoint: the base model before alignment (``reference: base``) or a
             harmful fine-tune of the aligned model (``reference: harmful``, direction = aligned minus harmful).
+            With ``reference: harmful`` it may also be a PEFT LoRA adapter trained on ``aligned`` (e.g. ``asft fit
+            --model.lam 0 --data.harmful_ratio 1`` on attack-style pairs): the direction is then exactly
+            ``-s B A`` per adapted module, and every targeted module must be adapted.
         output: path of the ``.safetensors`` file to write (``<output>.json`` is written beside it).
         target_modules: module names (PEFT semantics: a list of name suffixes, or one regex for the full name).
         projector: ``safelora``: ``C = V V^T / ||V||_F`` as published (stored as ``V``, or as its top ``rank``
@@ -236,7 +356,8 @@ def extract_direction(
         dtype: storage dtype of the tensors in the file.
         aligned_gguf_file: GGUF file name inside ``aligned`` when it is a directory.
         unaligned_gguf_file: GGUF file name inside ``unaligned`` when it is a directory.
-        reference: what ``unaligned`` is; recorded in the metadata.
+        reference: what ``unaligned`` is; recorded in the metadata. The anchors check it: the projector forms
+            need ``base``, ``harm_subspace`` needs ``harmful`` (:mod:`asft_lightning.anchor_forms`).
         hash_inputs: record SHA-256 of every input file (reads each input once more).
         spectrum_size: how many top singular values per module to record in the metadata.
 
@@ -260,15 +381,26 @@ def extract_direction(
         raise DirectionError(f"{output}: the output file must end in .safetensors")
 
     a_reader = CheckpointReader(aligned, aligned_gguf_file)
-    u_reader = CheckpointReader(unaligned, unaligned_gguf_file)
     a_fp = architecture_fingerprint(a_reader.config)
-    u_fp = architecture_fingerprint(u_reader.config)
-    if a_fp != u_fp:
-        diff = {k: (a_fp.get(k), u_fp.get(k)) for k in set(a_fp) | set(u_fp) if a_fp.get(k) != u_fp.get(k)}
-        detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in sorted(diff.items()))
-        raise CheckpointError(
-            f"aligned {a_reader.path} and unaligned {u_reader.path} have different architectures ({detail})"
-        )
+    adapter_ref = is_adapter_dir(unaligned)
+    if adapter_ref:
+        if reference != "harmful":
+            raise DirectionError(
+                f"unaligned {unaligned} is a PEFT adapter, i.e. the aligned model plus a fine-tune of it: as the "
+                "reference that is a harmful fine-tune, so give --reference harmful (a base model is a checkpoint)"
+            )
+        if unaligned_gguf_file is not None:
+            raise DirectionError(f"unaligned {unaligned} is a PEFT adapter; unaligned_gguf_file does not apply to it")
+        u_reader: Any = AdapterReference(unaligned)
+    else:
+        u_reader = CheckpointReader(unaligned, unaligned_gguf_file)
+        u_fp = architecture_fingerprint(u_reader.config)
+        if a_fp != u_fp:
+            diff = {k: (a_fp.get(k), u_fp.get(k)) for k in set(a_fp) | set(u_fp) if a_fp.get(k) != u_fp.get(k)}
+            detail = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in sorted(diff.items()))
+            raise CheckpointError(
+                f"aligned {a_reader.path} and unaligned {u_reader.path} have different architectures ({detail})"
+            )
     names = _targeted_weights(a_reader, list(target_modules) if not isinstance(target_modules, str) else target_modules)
     if not names:
         sample = sorted({k.rsplit(".", 2)[-2] for k in a_reader.keys() if k.endswith(".weight") and "." in k})
@@ -276,6 +408,8 @@ def extract_direction(
             f"target_modules {target_modules!r} match no linear weight in {a_reader.path}; "
             f"module names there end in e.g. {sample[:12]}"
         )
+    if adapter_ref:
+        u_reader.check_covers(names, {name: tuple(a_reader.shape(f"{name}.weight")) for name in names}, a_reader.path)
     u_keys = set(u_reader.keys())
     for name in names:
         key = f"{name}.weight"
@@ -292,7 +426,10 @@ def extract_direction(
     spectrum: dict[str, dict[str, Any]] = {}
     for name in names:
         key = f"{name}.weight"
-        v = a_reader.get(key).to(torch.float32) - u_reader.get(key).to(torch.float32)
+        if adapter_ref:  # W_aligned - (W_aligned + s B A), exactly
+            v = u_reader.direction(name)
+        else:
+            v = a_reader.get(key).to(torch.float32) - u_reader.get(key).to(torch.float32)
         if not torch.isfinite(v).all():
             raise CheckpointError(f"tensor '{key}': non-finite values in {a_reader.path} or {u_reader.path}")
         norm = torch.linalg.vector_norm(v.double())
@@ -305,7 +442,8 @@ def extract_direction(
         modules[name] = list(v.shape)
         tensors[f"{name}.norm"] = norm.to(out_dtype)
         if lowrank or spectrum_size:
-            basis, s = _top_basis(v, rank, energy) if lowrank else (None, torch.linalg.svdvals(v.double()))
+            basis, right, s = _top_basis(v, rank, energy) if lowrank else (None, None, torch.linalg.svdvals(v.double()))
+            tensors[f"{name}.singular"] = s.contiguous()
             nrm = float(norm)
             spectrum[name] = {
                 "norm": nrm,
@@ -315,6 +453,7 @@ def extract_direction(
         if lowrank:
             k = basis.shape[1]
             tensors[f"{name}.basis"] = basis.to(out_dtype)
+            tensors[f"{name}.right"] = right.to(out_dtype)
             kept = float(s[:k].square().sum() / s.square().sum().clamp_min(1e-300))
             spectrum[name].update(k=k, energy_kept=kept)
             if projector == "safelora":
@@ -338,6 +477,8 @@ def extract_direction(
         "projector": {"kind": projector, "rank": rank, "energy": energy, "lowrank": lowrank},
         "spectrum": spectrum,
     }
+    if adapter_ref:
+        metadata["unaligned"].update(adapter=True, base_model=u_reader.base_model)
     if hash_inputs:
         metadata["aligned"]["sha256"] = a_reader.file_hashes()
         metadata["unaligned"]["sha256"] = u_reader.file_hashes()

@@ -6,7 +6,9 @@ Shapes follow PEFT: ``lora_A`` is ``(r, d_in)``, ``lora_B`` is ``(d_out, r)``, s
 * ``||X A||_F^2 = sum((X^T X) * (A A^T))`` costs ``O((d_out + d_in) r^2)`` once ``X`` (``d_out x r``) is known;
 * the published projector ``C = V V^T / ||V||_F`` is applied as ``C B = V (V^T B) / ||V||_F`` in
   ``O(d_out d_in r)``;
-* a low-rank projector ``C = U diag(w) U^T`` is applied as ``U (w * (U^T B))`` in ``O(d_out k r)``.
+* a low-rank projector ``C = U diag(w) U^T`` is applied as ``U (w * (U^T B))`` in ``O(d_out k r)``;
+* the update's coordinates on ``V``'s singular components, ``u_i^T B A v_i``, are the diagonal of
+  ``(U^T B)(A V_r)`` in ``O((d_out + d_in) k r)``.
 
 Every function is differentiable and returns the dtype of the LoRA factors (float64 in, float64 out). Products
 with a stored direction or basis run in *its* dtype: the small ``d_out x r`` factor is cast, never the large
@@ -20,9 +22,14 @@ from torch import Tensor
 
 __all__ = [
     "asft_penalty",
+    "component_coordinates",
+    "component_sign_penalty",
     "frobenius_of_product",
+    "inside_energy",
     "lowrank_apply",
     "lowrank_penalty",
+    "normalized_apply",
+    "normalized_penalty",
     "safelora_apply",
     "sign_aware_penalty",
     "subspace_penalty",
@@ -129,3 +136,72 @@ def sign_aware_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor) -> Ten
     undoes the alignment lies inside ``V``'s subspace, so the orthogonal penalty alone cannot stop it.
     """
     return torch.relu(-update_alignment(lora_A, lora_B, direction)).square()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Candidate anchors (issue 13): forms whose strength does not hang on ||V||_F, and sign awareness per component.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def normalized_apply(matrix: Tensor, direction: Tensor, top_singular_value: Tensor) -> Tensor:
+    """Apply ``C_n = V V^T / sigma_1^2`` (the published ``C`` divided by its top eigenvalue) to ``matrix``.
+
+    ``C_n``'s eigenvalues are ``sigma_i^2 / sigma_1^2`` in ``(0, 1]``: scaling ``V`` changes nothing, so the
+    penalty's strength does not depend on ``||V||_F`` (the published ``C``'s eigenvalues are ``sigma_i^2 / ||V||_F``).
+
+    Args:
+        matrix: ``(d_out, r)`` tensor, usually ``lora_B``.
+        direction: ``V``, ``(d_out, d_in)``.
+        top_singular_value: ``sigma_1``, the largest singular value of ``V`` (a scalar tensor).
+    """
+    m = matrix.to(direction.dtype)
+    coeff = m.mT @ direction  # (r, d_in), thin factor on the left as in safelora_apply
+    return ((coeff @ direction.mT).mT / top_singular_value.to(direction.dtype).square()).to(matrix.dtype)
+
+
+def normalized_penalty(lora_A: Tensor, lora_B: Tensor, direction: Tensor, top_singular_value: Tensor) -> Tensor:
+    """``||(I - V V^T / sigma_1^2) B A||_F^2``: the published penalty with ``C`` scaled to top eigenvalue 1.
+
+    Cost ``O(d_out d_in r)``; no ``d_out x d_out`` matrix. With ``C`` kept as eigenpairs ``U diag(w) U^T`` the same
+    form is :func:`lowrank_penalty` with ``w / max(w)``.
+    """
+    residual = lora_B - normalized_apply(lora_B, direction, top_singular_value)
+    return frobenius_of_product(residual, lora_A)
+
+
+def inside_energy(lora_A: Tensor, lora_B: Tensor, basis: Tensor) -> Tensor:
+    """``||U U^T B A||_F^2 = ||(U^T B) A||_F^2``: the update's energy inside ``span(U)`` (``U`` orthonormal).
+
+    As a penalty with ``U`` from a harmful-reference direction (aligned minus a harmful fine-tune) it keeps the
+    update out of the subspace the harmful fine-tune moved in. Cost ``O(d_out k r + d_in r^2)``.
+    """
+    coeff = (lora_B.to(basis.dtype).mT @ basis).mT.to(lora_B.dtype)  # (k, r) = U^T B
+    return frobenius_of_product(coeff, lora_A)
+
+
+def component_coordinates(lora_A: Tensor, lora_B: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``c_i = u_i^T (B A) v_i`` for ``V``'s top-``k`` singular components ``(u_i, v_i)``: shape ``(k,)``.
+
+    ``c_i`` is the update's coordinate on the unit matrix ``u_i v_i^T``; ``V = sum_i sigma_i u_i v_i^T`` with
+    ``sigma_i > 0``, so ``c_i > 0`` moves *with* component ``i`` of the alignment and ``c_i < 0`` undoes it.
+    Computed as the diagonal of ``(U^T B)(A V_r)`` in ``O((d_out + d_in) k r)``.
+
+    Args:
+        lora_A: ``(r, d_in)``.
+        lora_B: ``(d_out, r)``.
+        left: ``U``, ``(d_out, k)``, left singular vectors of ``V``.
+        right: ``V_r``, ``(d_in, k)``, the matching right singular vectors.
+    """
+    ub = (lora_B.to(left.dtype).mT @ left).to(lora_B.dtype)  # (r, k) = (U^T B)^T
+    av = (lora_A.to(right.dtype) @ right).to(lora_A.dtype)  # (r, k) = A V_r
+    return (ub * av).sum(0)
+
+
+def component_sign_penalty(lora_A: Tensor, lora_B: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``sum_i relu(-u_i^T B A v_i)^2``: no motion against any of ``V``'s top-``k`` singular components.
+
+    The whole-``V`` term :func:`sign_aware_penalty` only sees the sum ``sum_i sigma_i c_i / ||V||_F``: an update
+    can undo component 1 while adding component 2 and pass it. Here every component counts on its own, and unit
+    components make the strength independent of ``||V||_F``. This project's extension, not the published AsFT.
+    """
+    return torch.relu(-component_coordinates(lora_A, lora_B, left, right)).square().sum()

@@ -322,3 +322,192 @@ def test_module_direction_to_changes_dtype_and_keeps_values():
         out = md32.penalty(a.detach().float(), b.detach().float())
         assert out.dtype == torch.float32
         torch.testing.assert_close(out.double(), md.penalty(a, b).detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- candidate anchors (issue 13): dense references
+
+
+def dense_normalized_C(v: torch.Tensor) -> torch.Tensor:
+    """``V V^T / sigma_1^2``: the published C divided by its top eigenvalue."""
+    return v @ v.mT / torch.linalg.matrix_norm(v, ord=2) ** 2
+
+
+def dense_inside(a, b, u):
+    return torch.linalg.matrix_norm(u @ u.mT @ (b @ a)) ** 2
+
+
+def dense_coordinates(a, b, u, vr):
+    dw = b @ a
+    return torch.stack([u[:, i] @ dw @ vr[:, i] for i in range(u.shape[1])])
+
+
+def dense_component_sign(a, b, u, vr):
+    return (torch.clamp(-dense_coordinates(a, b, u, vr), min=0) ** 2).sum()
+
+
+def _svd_k(v: torch.Tensor, k: int):
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    return u[:, :k].contiguous(), vh[:k].mT.contiguous(), s
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normalized_penalty_matches_dense(shape):
+    a, b, v = _factors(*shape, seed=20)
+    sigma1 = torch.linalg.matrix_norm(v, ord=2)
+    c = dense_normalized_C(v)
+    _check_value_and_grads(
+        lambda a, b: R.normalized_penalty(a, b, v, sigma1), lambda a, b: dense_penalty(a, b, c), a, b
+    )
+    _close(R.normalized_apply(b.detach(), v, sigma1), c @ b.detach())
+    # C_n's top eigenvalue is 1, the rest sigma_i^2 / sigma_1^2
+    eig = torch.linalg.eigvalsh(c).flip(0)
+    _close(eig[0], torch.tensor(1.0, dtype=F64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normalized_penalty_does_not_depend_on_the_size_of_V(shape):
+    """Scaling V by any factor leaves the normalised penalty unchanged; the published one changes."""
+    a, b, v = (t.detach() for t in _factors(*shape, seed=21))
+    sigma1 = torch.linalg.matrix_norm(v, ord=2)
+    base = R.normalized_penalty(a, b, v, sigma1)
+    for scale in (1e-3, 0.05, 7.0, 1e4):
+        _close(R.normalized_penalty(a, b, scale * v, scale * sigma1), base, rtol=1e-11)
+    assert not torch.allclose(R.asft_penalty(a, b, 0.05 * v), R.asft_penalty(a, b, 7.0 * v))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 2])
+def test_inside_energy_matches_dense_and_complements_subspace(shape, k):
+    a, b, v = _factors(*shape, seed=22)
+    u, _, _ = _svd_k(v, min(k, min(shape[:2])))
+    _check_value_and_grads(lambda a, b: R.inside_energy(a, b, u), lambda a, b: dense_inside(a, b, u), a, b)
+    # inside + outside = all of the update's energy (U orthonormal)
+    _close(
+        R.inside_energy(a, b, u) + R.subspace_penalty(a, b, u), R.update_energy(a, b), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_component_coordinates_and_sign_penalty_match_dense(shape, k):
+    a, b, v = _factors(*shape, seed=23)
+    k = min(k, min(shape[:2]))
+    u, vr, _ = _svd_k(v, k)
+    coords = R.component_coordinates(a, b, u, vr)
+    assert coords.shape == (k,)
+    _close(coords, dense_coordinates(a, b, u, vr))
+    ga = torch.autograd.grad(coords.sum(), a)[0]
+    ra = torch.autograd.grad(dense_coordinates(a, b, u, vr).sum(), a)[0]
+    _close(ga, ra)
+    _check_value_and_grads(
+        lambda a, b: R.component_sign_penalty(a, b, u, vr), lambda a, b: dense_component_sign(a, b, u, vr), a, b
+    )
+
+
+def test_component_sign_penalty_sees_each_component_where_the_whole_V_term_does_not():
+    """An update that undoes component 2 while adding more of component 1: the whole-V sign term is 0 (the update's
+    alignment with V is positive), the per-component term is relu(-c_2)^2 with exactly c_2's gradient."""
+    g = torch.Generator().manual_seed(24)
+    d_out, d_in = 9, 7
+    u = torch.linalg.qr(torch.randn(d_out, 3, generator=g, dtype=F64)).Q
+    vr = torch.linalg.qr(torch.randn(d_in, 3, generator=g, dtype=F64)).Q
+    v = u @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=F64)) @ vr.mT
+    # dW = 2 u1 v1^T - 1 u2 v2^T as B A with r = 2
+    b = torch.stack([u[:, 0], u[:, 1]], 1).requires_grad_(True)
+    a = torch.stack([2 * vr[:, 0], -vr[:, 1]], 0).requires_grad_(True)
+    assert float(R.update_alignment(a, b, v).detach()) > 0
+    assert float(R.sign_aware_penalty(a, b, v).detach()) == 0.0
+    coords = R.component_coordinates(a, b, u, vr)
+    _close(coords, torch.tensor([2.0, -1.0, 0.0], dtype=F64))
+    pen = R.component_sign_penalty(a, b, u, vr)
+    _close(pen, torch.tensor(1.0, dtype=F64))
+    _check_value_and_grads(
+        lambda a, b: R.component_sign_penalty(a, b, u, vr), lambda a, b: dense_component_sign(a, b, u, vr), a, b
+    )
+    # moving with every component: exactly zero, zero gradients
+    a_with = torch.stack([2 * vr[:, 0], vr[:, 1]], 0).requires_grad_(True)
+    out = R.component_sign_penalty(a_with, b, u, vr)
+    assert out.item() == 0.0
+    ga, gb = torch.autograd.grad(out, (a_with, b))
+    assert not ga.any() and not gb.any()
+    # unit components: the term does not change when V is scaled (U, V_r are V's, whatever its size)
+    u2, vr2, _ = _svd_k(1e-3 * v, 3)
+    signs = torch.sign((u2 * u).sum(0))  # an SVD fixes each pair only up to a joint sign
+    _close(R.component_sign_penalty(a, b, u2 * signs, vr2 * signs), pen, rtol=1e-10)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("direction_dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_new_forms_keep_the_factors_dtype(factor_dtype, direction_dtype):
+    a, b, v = _factors(8, 6, 2, seed=25, dtype=factor_dtype)
+    u, vr, s = _svd_k(v.double(), 2)
+    v_d, u_d, vr_d, s1 = v.to(direction_dtype), u.to(direction_dtype), vr.to(direction_dtype), s[0].to(direction_dtype)
+    for out in (
+        R.normalized_penalty(a, b, v_d, s1),
+        R.normalized_apply(b, v_d, s1),
+        R.inside_energy(a, b, u_d),
+        R.component_coordinates(a, b, u_d, vr_d),
+        R.component_sign_penalty(a, b, u_d, vr_d),
+    ):
+        assert out.dtype == factor_dtype
+        assert torch.isfinite(out).all()
+
+
+def test_new_forms_build_no_dense_d_out_matrix():
+    d_out, d_in, r, k = 100_000, 4, 2, 3
+    g = torch.Generator().manual_seed(26)
+    a = torch.randn(r, d_in, generator=g, dtype=F64)
+    b = torch.randn(d_out, r, generator=g, dtype=F64)
+    v = torch.randn(d_out, d_in, generator=g, dtype=F64)
+    u = torch.linalg.qr(torch.randn(d_out, k, generator=g, dtype=F64)).Q
+    vr = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=F64)).Q
+    sigma1 = torch.linalg.matrix_norm(v, ord=2)
+    for value in (
+        R.normalized_penalty(a, b, v, sigma1),
+        R.inside_energy(a, b, u),
+        R.component_sign_penalty(a, b, u, vr),
+    ):
+        assert torch.isfinite(value)
+
+
+# ---------------------------------------------------------------- ModuleDirection: the new forms on every stored form
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", ["safelora", "safelora_lowrank", "subspace"])
+def test_module_direction_normalized_penalty_each_form(shape, form):
+    a, b, v = _factors(*shape, seed=27)
+    k = min(2, min(shape[:2]))
+    md, c = _module_forms(v, k)[form]
+    if form == "safelora":
+        md.singular = torch.linalg.svdvals(v)
+        c_n = dense_normalized_C(v)
+    else:
+        c_n = c / torch.linalg.eigvalsh(c).max()
+    _check_value_and_grads(md.normalized_penalty, lambda a, b: dense_penalty(a, b, c_n), a, b)
+
+
+def test_module_direction_top_singular_value_without_stored_singular_values():
+    """Files written before ``<name>.singular`` existed: sigma_1 from the eigenpairs, or computed from V once."""
+    _, _, v = _factors(12, 7, 3, seed=28)
+    s1 = torch.linalg.matrix_norm(v, ord=2)
+    forms = _module_forms(v, 2)
+    full, eig = forms["safelora"][0], forms["safelora_lowrank"][0]
+    assert full.singular is None
+    _close(full.top_singular_value(), s1)
+    assert full.singular is not None  # kept
+    _close(eig.top_singular_value(), s1)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_module_direction_inside_energy_and_component_sign(shape):
+    a, b, v = _factors(*shape, seed=29)
+    k = min(3, min(shape[:2]))
+    u, vr, s = _svd_k(v, k)
+    md = ModuleDirection("m", tuple(v.shape), torch.linalg.vector_norm(v), basis=u, right=vr, singular=s)
+    assert md.kind == "subspace"
+    _check_value_and_grads(md.inside_energy, lambda a, b: dense_inside(a, b, u), a, b)
+    _check_value_and_grads(md.component_sign_penalty, lambda a, b: dense_component_sign(a, b, u, vr), a, b)
+    moved = md.to("cpu", torch.float32)
+    assert moved.right.dtype == torch.float32 and moved.singular.dtype == torch.float32
+    assert moved.kind == "subspace"
