@@ -84,7 +84,7 @@ from asft_lightning.world_data import (
     parse_snippets,
     split_advbench,
 )
-from asft_lightning.world_measure import measure_judge2
+from asft_lightning.world_measure import measure_judge2, measure_model
 from asft_lightning.world_models import answer, auto_threads, convert_gguf, finetune, load_model
 
 __all__ = [  # the world's public names, wherever they live now (world.py is the entry point)
@@ -289,7 +289,7 @@ def prepare_demo(
                      "data": [files.get(f) or harmful["files"].get(f) for f in eval_files],
                      "task_max_new_tokens": task_max_new_tokens, "batch_size": generation_batch_size, "version": 2},
                     [f"eval/{which}"],
-                    lambda which=which: measure(root, which, judge, eval_max_new_tokens, task_max_new_tokens,
+                    lambda which=which: measure_model(root, which, judge, eval_max_new_tokens, task_max_new_tokens,
                                                  generation_batch_size, verbose),
                 )
 

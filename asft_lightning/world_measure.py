@@ -11,7 +11,7 @@ from typing import Any
 from asft_lightning.world_cache import read_jsonl
 from asft_lightning.world_data import TASK_LABELS
 
-__all__ = ['measure', 'measure_judge2', 'starts_with_refusal']
+__all__ = ["measure_judge2", "measure_model", "starts_with_refusal"]
 
 
 def starts_with_refusal(text: str, judge: Any, head_chars: int = 60) -> bool:
@@ -30,7 +30,7 @@ def _grouped_rates(rows: Sequence[dict[str, Any]], field: str, key: str) -> dict
     return {name: _rate(members, key) for name, members in sorted(groups.items())}
 
 
-def measure(
+def measure_model(
     root: Path,
     which: str,
     judge: Any,
