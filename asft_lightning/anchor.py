@@ -14,6 +14,11 @@ The carrier's backward runs when the layer's own backward does (it waits for the
 when an engine has the layer's parameters gathered, and the incoming ``dL/dvalue`` already carries
 ``lambda``, gradient-accumulation division and any loss scaling. Without sharding this is exactly
 ``autograd`` of ``lambda * sum_l penalty_l``, which the tests check in float64.
+
+Which penalty: the anchor term of :mod:`asft_lightning.anchor_forms` (``projector``, ``normalized``,
+``harm_subspace``, ``none``) plus the optional whole-``V`` and per-component sign terms. Every term is a function
+of one module's ``(direction, lora_A, lora_B)``, so all of them go through the same hook and carrier, and so all
+of them are correct under ZeRO-3 in the same way.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from asft_lightning.direction import DirectionError, ModuleDirection
-from asft_lightning.regularizers import sign_aware_penalty, update_energy
+from asft_lightning.anchor_forms import anchor_penalty, check_forms
+from asft_lightning.direction import ModuleDirection
+from asft_lightning.regularizers import component_sign_penalty, sign_aware_penalty, update_energy
 
 PenaltyFn = Callable[[ModuleDirection, Tensor, Tensor], Tensor]
 PEFT_PREFIX = "base_model.model."
@@ -92,9 +98,14 @@ class LoraAnchor:
         peft_model: a ``peft.PeftModel`` (or any module tree containing PEFT ``LoraLayer`` modules).
         directions: per base-model module name, its :class:`ModuleDirection`.
         include_lora_scale: penalise ``s * B A`` (``s = alpha / r``) instead of ``B A``.
-        penalty_fn: the per-module penalty, ``(direction, lora_A, lora_B) -> scalar``.
+        penalty_fn: the per-module anchor term, ``(direction, lora_A, lora_B) -> scalar``; default: ``anchor``'s.
         sign_weight: weight of this project's sign-aware extension ``relu(-<B A, V>_F / ||V||_F)^2``, added to
             each module's penalty (needs the full ``V``); the drift statistics leave it out.
+        anchor: the anchor term (:mod:`asft_lightning.anchor_forms`): ``projector`` ``||(I - C) B A||^2`` (the
+            published AsFT), ``normalized`` (``C`` divided by its top eigenvalue), ``harm_subspace``
+            (``||U U^T B A||^2`` for a harmful-reference basis) or ``none``.
+        component_weight: weight of the per-component sign term ``sum_i relu(-u_i^T B A v_i)^2`` over the file's
+            singular components (needs a low-rank file with right singular vectors); left out of the statistics.
         direction_dtype: dtype the directions are kept in on the device (``None``: the LoRA weights' dtype).
         zero3: the model runs under DeepSpeed ZeRO-3: register each layer's ``lora_A``/``lora_B`` weights as external
             parameters of the layer, so DeepSpeed keeps them gathered through the layer's forward (where the hook
@@ -107,19 +118,22 @@ class LoraAnchor:
         peft_model: nn.Module,
         directions: dict[str, ModuleDirection],
         include_lora_scale: bool = False,
-        penalty_fn: PenaltyFn = default_penalty,
+        penalty_fn: PenaltyFn | None = None,
         sign_weight: float = 0.0,
         direction_dtype: torch.dtype | None = None,
         zero3: bool = False,
+        anchor: str = "projector",
+        component_weight: float = 0.0,
     ) -> None:
         self.layers = lora_layers(peft_model)
         self.directions = directions
         self.include_lora_scale = include_lora_scale
-        self.penalty_fn = penalty_fn
+        self.anchor = anchor
+        self.penalty_fn = penalty_fn if penalty_fn is not None else anchor_penalty(anchor)
         self.sign_weight = float(sign_weight)
-        if self.sign_weight and any(md.direction is None for md in directions.values()):
-            raise DirectionError("sign_weight > 0 needs the full direction V in the direction file (projector safelora "
-                             "without rank/energy); this file keeps only a low-rank basis")
+        self.component_weight = float(component_weight)
+        # what the terms compute with must be in the file (the reference is checked by AsFTModule, which has the file)
+        check_forms(directions, anchor if penalty_fn is None else "none", self.sign_weight, self.component_weight)
         self.direction_dtype = direction_dtype
         self._placed: dict[str, ModuleDirection] = {}
         self._record: StepRecord | None = None
@@ -182,16 +196,23 @@ class LoraAnchor:
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
                 a = weight_A.detach().requires_grad_(track)
                 b = weight_B.detach().requires_grad_(track)
-                residual = self.penalty_fn(md, a, b)
-                raw = residual
+                main = self.penalty_fn(md, a, b) if self.penalty_fn is not None else None
+                raw = main if main is not None else a.new_zeros(())
                 if self.sign_weight:
-                    raw = residual + self.sign_weight * sign_aware_penalty(a, b, md.direction)
-                if track:
+                    raw = raw + self.sign_weight * sign_aware_penalty(a, b, md.direction)
+                if self.component_weight:
+                    raw = raw + self.component_weight * component_sign_penalty(a, b, md.basis, md.right)
+                if track and raw.requires_grad:
                     grad_a, grad_b = torch.autograd.grad(raw * scale2, (a, b))
+                elif track:  # anchor none without sign terms: nothing to hand back
+                    grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
             raw = raw.detach()
             with torch.no_grad():
                 record.energies[name] = update_energy(a.detach(), b.detach())
-                record.residuals[name] = residual.detach()
+                # the drift statistics: ||(I - C) dW||^2 with the term's C where it is one (projector, normalized),
+                # else with the file's own C
+                keep = main is not None and self.anchor in ("projector", "normalized")
+                record.residuals[name] = main.detach() if keep else md.penalty(a.detach(), b.detach())
             value = raw * scale2
             if track:
                 output, value = _PenaltyCarrier.apply(output, weight_A, weight_B, value, grad_a, grad_b)

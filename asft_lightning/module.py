@@ -1,6 +1,7 @@
 """AsFTModule: LoRA fine-tuning of a causal LM with the AsFT regulariser (arXiv 2506.08473).
 
 ``loss = CE(response tokens) + lam * sum_l ||(I - C_l) B_l A_l||_F^2``; ``lam = 0`` is plain LoRA SFT.
+``anchor``, ``sign_weight`` and ``component_weight`` choose other penalties (:mod:`asft_lightning.anchor_forms`).
 The penalty is computed inside each LoRA layer's forward by :class:`~asft_lightning.anchor.LoraAnchor`, so it
 stays correct when parameters are sharded.
 """
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from asft_lightning.anchor import LoraAnchor, lora_layers, lora_shapes
+from asft_lightning.anchor_forms import Anchor, check_direction, check_strengths
 from asft_lightning.checkpoints import (
     CheckpointError,
     architecture_fingerprint,
@@ -61,6 +63,12 @@ class AsFTModule(L.LightningModule):
         model: causal LM to fine-tune: a local Hugging Face directory, a hub id, or a ``.gguf`` file.
         direction: alignment-direction file from ``asft direction`` (required when ``lam > 0``).
         lam: weight of the AsFT penalty; ``0`` is plain LoRA SFT (the paper's useful range is 0.1 to 10).
+        anchor: the penalty's main term per module, ``dW = B A``: ``projector`` ``||(I - C) dW||_F^2`` with the
+            direction file's ``C`` (the published AsFT); ``normalized`` the same with ``C`` divided by its top
+            eigenvalue (``V V^T / sigma_1^2``: ``lam`` means the same whatever ``||V||_F``); ``harm_subspace``
+            ``||U_k U_k^T dW||_F^2`` for a basis from ``asft direction --reference harmful --projector subspace``
+            (keeps the update out of the harmful fine-tune's subspace); ``none`` (only the sign terms).
+            ``projector`` and ``normalized`` need a ``--reference base`` file, ``harm_subspace`` a ``harmful`` one.
         gguf_file: GGUF file name inside ``model`` when ``model`` is a directory.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (scale ``alpha / r``).
@@ -70,6 +78,9 @@ class AsFTModule(L.LightningModule):
         sign_weight: weight of this project's sign-aware extension ``relu(-<B A, V>_F / ||V||_F)^2`` per module,
             added to the AsFT penalty (penalises updates that move against the alignment direction, which the
             orthogonal penalty cannot see); needs a direction file with the full ``V``. ``0``: the published AsFT.
+        component_weight: weight of this project's per-component sign term ``sum_i relu(-u_i^T B A v_i)^2`` over
+            ``V``'s top-k singular components (no motion against any of them, not only against ``V`` as a whole);
+            needs a low-rank direction file (``asft direction --rank k``). ``0``: off.
         adapter: an existing PEFT adapter directory to continue from (trainable) instead of a fresh LoRA.
         learning_rate: AdamW learning rate when ``optimizer`` is not given.
         weight_decay: AdamW weight decay when ``optimizer`` is not given.
@@ -96,6 +107,8 @@ class AsFTModule(L.LightningModule):
         target_modules: list[str] | str = ("q_proj", "v_proj"),
         include_lora_scale: bool = False,
         sign_weight: float = 0.0,
+        anchor: Anchor = "projector",
+        component_weight: float = 0.0,
         adapter: str | None = None,
         learning_rate: float = 5e-5,
         weight_decay: float = 0.0,
@@ -111,13 +124,9 @@ class AsFTModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        problems = []
-        if lam < 0:
-            problems.append(f"lam must be >= 0, got {lam}")
-        if lam > 0 and direction is None:
+        problems = check_strengths(lam, sign_weight, component_weight, anchor)
+        if not problems and lam > 0 and direction is None:
             problems.append("lam > 0 needs a direction file (model.direction); set lam: 0 for plain LoRA SFT")
-        if sign_weight < 0:
-            problems.append(f"sign_weight must be >= 0, got {sign_weight}")
         if lora_r < 1:
             problems.append(f"lora_r must be >= 1, got {lora_r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -142,11 +151,7 @@ class AsFTModule(L.LightningModule):
             if local:
                 fingerprint = architecture_fingerprint(load_model_config(self.model_path, self.gguf_file))
                 self.directions.check_model(fingerprint, model)
-            if sign_weight > 0 and any(md.direction is None for md in self.directions.modules.values()):
-                raise ArgumentError(
-                    f"{direction}: sign_weight > 0 needs the full direction V, but this file keeps only a low-rank "
-                    "basis; extract it with projector: safelora and no rank/energy"
-                )
+            check_direction(self.directions, anchor, sign_weight, component_weight)
         self.model: torch.nn.Module | None = None
         self.anchor: LoraAnchor | None = None
         self.strict_loading = False  # checkpoints hold only the trainable (LoRA) weights
@@ -203,6 +208,8 @@ class AsFTModule(L.LightningModule):
                 sign_weight=hp.sign_weight,
                 direction_dtype=DTYPES[hp.direction_dtype] if hp.direction_dtype else None,
                 zero3=zero_stage(strategy) == 3,
+                anchor=hp.anchor,
+                component_weight=hp.component_weight,
             )
 
     def configure_optimizers(self) -> Any:
@@ -306,6 +313,9 @@ class AsFTModule(L.LightningModule):
             "projector": self.directions.metadata["projector"] if self.directions else None,
             "include_lora_scale": self.hparams.include_lora_scale,
             "sign_weight": self.hparams.sign_weight,
+            "anchor": self.hparams.anchor,
+            "component_weight": self.hparams.component_weight,
+            "direction_reference": self.directions.reference if self.directions else None,
             "final_train_drift_ratio": self._last_drift,
             "global_step": self.global_step if self._trainer is not None else None,
         }
