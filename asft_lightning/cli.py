@@ -98,18 +98,22 @@ def direction(
 
     Args:
         aligned: safety-aligned checkpoint: HF directory (safetensors, possibly sharded) or ``.gguf`` file.
-        unaligned: reference checkpoint: the base model before alignment, or a harmful fine-tune
-            (``reference: harmful``).
+        unaligned: reference checkpoint: the base model before alignment, or a harmful fine-tune of the aligned
+            model (``reference: harmful``; then also a PEFT LoRA adapter trained on ``aligned``, e.g. by ``asft fit
+            --model.lam 0 --data.harmful_ratio 1`` on attack-style pairs: V = -s B A per adapted module).
         output: the ``.safetensors`` file to write.
-        target_modules: module names: list of suffixes, or one regex (PEFT's ``target_modules`` semantics).
+        target_modules: module names: list of suffixes, or one regex (PEFT's ``target_modules`` semantics); every
+            linear module of a Llama-style model: ``[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]``.
         projector: ``safelora`` (published C = V V^T / ||V||_F) or ``subspace`` (exact orthogonal projector on
             the top-k left singular vectors of V).
-        rank: keep k singular vectors (low-rank safelora, or the subspace rank).
+        rank: keep k singular vectors (low-rank safelora, or the subspace rank); a low-rank file also keeps the
+            matching right singular vectors, which ``model.component_weight`` needs.
         energy: choose k per module as the smallest holding this share of ||V||_F^2.
         dtype: storage dtype of the file.
         aligned_gguf_file: GGUF file inside ``aligned`` if it is a directory.
         unaligned_gguf_file: GGUF file inside ``unaligned`` if it is a directory.
-        reference: what ``unaligned`` is (``base`` or ``harmful``); recorded in the metadata.
+        reference: what ``unaligned`` is (``base`` or ``harmful``); recorded in the metadata, and checked by
+            ``asft fit``: ``model.anchor`` projector / normalized need ``base``, harm_subspace ``harmful``.
         hash_inputs: record SHA-256 of every input file.
     """
     from asft_lightning.direction import extract_direction, spectrum_summary
