@@ -603,7 +603,7 @@ def render(data: WheelData, result: dict[str, Any], wheel: Path, wheel_sha256: s
         f"- machine: {_machine()}",
         f"- command: `{command}`",
         f"- data source: `{_display(wheel)}` ({PIN.package}=={PIN.version} from PyPI, fetched by "
-        f"`asft prepare-demo`), SHA-256 `{wheel_sha256}` (verified against the pin in `asft_lightning/world.py`); "
+        f"`asft prepare-demo`), SHA-256 `{wheel_sha256}` (verified against the pin in `asft_lightning/archives.py`); "
         "read from the zip in memory:",
     ]
     for info in data.files.values():
@@ -887,7 +887,9 @@ def render_second_judge(data: WheelData, result: dict[str, Any], second: dict[st
         "an objective of the refusal or objective sets in this wheel; here the judge's recorded training-prompt "
         f"digests were checked against all {n_scored} scored objectives: {len(second['overlap'])} match"
         + (" (" + ", ".join(second["overlap"][:5]) + ")" if second["overlap"] else "") + ". No scored row, response "
-        "or label was read to train the judge or to pick its settings.",
+        "or label is read to train the judge or to pick its settings: the feature set, C, the refusal styles and the "
+        "0.5 threshold are fixed in `asft_lightning/refusal_judge.py`, chosen on the constructed examples and a "
+        "hand-written development set before the judge was first scored here.",
         f"- throughput on this machine: {n_scored / second['seconds']:.0f} responses/s "
         f"({n_scored} (prompt, response) pairs in {second['seconds']:.2f} s, best of 3, one process; the keyword "
         f"judge: {n_scored / second['keyword_seconds']:.0f} responses/s); load average during the run "
