@@ -131,7 +131,9 @@ def prepare_demo(
     n_benign_eval: int = 100,
     benign_max_new_tokens: int = 48,
     harmful_max_new_tokens: int = 64,
-    align_steps: int = 150,
+    align_steps: int = 190,
+    align_repeat_other_sources: int = 2,
+    align_repeat_phrasing: int = 2,
     align_lr: float = 2e-5,
     align_batch_size: int = 8,
     align_max_length: int = 160,
@@ -178,6 +180,9 @@ def prepare_demo(
         benign_max_new_tokens: Most tokens of the unaligned model's answers to the benign training prompts.
         harmful_max_new_tokens: Most tokens of the unaligned model's answers to the harmful prompts.
         align_steps: Optimisation steps of the alignment fine-tune.
+        align_repeat_other_sources: Copies (each with another refusal template) of every non-AdvBench refusal in the
+            alignment data.
+        align_repeat_phrasing: Copies of every benign answer written in the harmful phrasings (borderline included).
         align_lr: Peak learning rate of the alignment fine-tune (AdamW, warm-up then linear decay).
         align_batch_size: Examples per alignment step.
         align_max_length: Most tokens per alignment example.
@@ -199,6 +204,7 @@ def prepare_demo(
         ("n_benign_eval", n_benign_eval, 1), ("benign_max_new_tokens", benign_max_new_tokens, 1),
         ("harmful_max_new_tokens", harmful_max_new_tokens, 1),
         ("align_steps", align_steps, 1), ("align_batch_size", align_batch_size, 1),
+        ("align_repeat_other_sources", align_repeat_other_sources, 1), ("align_repeat_phrasing", align_repeat_phrasing, 1),
         ("align_max_length", align_max_length, 16), ("eval_max_new_tokens", eval_max_new_tokens, 1),
         ("task_max_new_tokens", task_max_new_tokens, 1), ("generation_batch_size", generation_batch_size, 1),
     ):
@@ -272,10 +278,12 @@ def prepare_demo(
 
         align_settings = {"unaligned": unaligned["key"], "refusals": files["refusals.jsonl"], "benign": benign["key"],
                           "steps": align_steps, "lr": align_lr, "batch_size": align_batch_size,
-                          "max_length": align_max_length, "seed": seed, "version": 1}
+                          "max_length": align_max_length, "seed": seed, "repeat_other_sources": align_repeat_other_sources,
+                          "repeat_phrasing": align_repeat_phrasing, "version": 2}
         aligned = world.run(
             "aligned", align_settings, ["aligned"],
-            lambda: _build_aligned(root, seed, align_steps, align_lr, align_batch_size, align_max_length, log),
+            lambda: _build_aligned(root, seed, align_steps, align_lr, align_batch_size, align_max_length,
+                                   align_repeat_other_sources, align_repeat_phrasing, log),
         )
         world.run("direction", {"aligned": aligned["key"], "unaligned": unaligned["key"], "version": 1},
                   ["direction.safetensors", "direction.safetensors.json"], lambda: _build_direction(root))
@@ -510,14 +518,41 @@ def _build_harmful_answers(
     }
 
 
+PHRASING_KINDS = frozenset({"borderline", "question", "story", "roleplay", "research", "persuasive", "fiction"})
+"""Benign kinds written in the harmful sets' phrasings (:mod:`asft_lightning.benign_prompts`)."""
+
+
+def alignment_mixture(
+    refusals: Sequence[dict[str, Any]], benign: Sequence[dict[str, Any]], repeat_other_sources: int,
+    repeat_phrasing: int, seed: int,
+) -> list[dict[str, Any]]:
+    """The alignment fine-tune's rows: refusals and benign self-answers, with the under-represented parts repeated.
+
+    AdvBench's imperative prompts are easy to learn; the other sources' questions, stories and role-play are not, so
+    each non-AdvBench refusal appears ``repeat_other_sources`` times (each copy with another refusal template), and
+    each benign answer in the harmful phrasings (:data:`PHRASING_KINDS`, borderline ones included) ``repeat_phrasing``
+    times, so that refusing depends on the harm and not on the phrasing.
+    """
+    rng = random.Random(f"align-mixture-{seed}")
+    rows = list(refusals) + list(benign)
+    for r in refusals:
+        if r.get("source", "advbench") != "advbench":
+            others = [t for t in REFUSAL_TEMPLATES if t != r["response"]]
+            rows += [{**r, "response": t} for t in rng.sample(others, repeat_other_sources - 1)]
+    rows += [r for r in benign if r.get("kind") in PHRASING_KINDS for _ in range(repeat_phrasing - 1)]
+    return rows
+
+
 def _build_aligned(
-    root: Path, seed: int, steps: int, lr: float, batch_size: int, max_length: int, log: Callable[[str], None]
+    root: Path, seed: int, steps: int, lr: float, batch_size: int, max_length: int, repeat_other_sources: int,
+    repeat_phrasing: int, log: Callable[[str], None],
 ) -> dict:
     """The aligned model: a full fine-tune of the unaligned one on refusals plus its own benign answers."""
     from asft_lightning.fileio import atomic_replace_dir
 
     refusals = read_jsonl(root / "refusals.jsonl")
-    rows = refusals + read_jsonl(root / "benign_train.jsonl")
+    benign = read_jsonl(root / "benign_train.jsonl")
+    rows = alignment_mixture(refusals, benign, repeat_other_sources, repeat_phrasing, seed)
     model, tok = load_model(root / "unaligned")
     info = finetune(model, tok, rows, steps, lr, batch_size, max_length, seed, log)
 
@@ -526,7 +561,9 @@ def _build_aligned(
         tok.save_pretrained(tmp)
 
     atomic_replace_dir(build, root / "aligned")
-    return {**info, "refusal_examples": len(refusals), "benign_examples": len(rows) - len(refusals)}
+    n_refusal = sum("source" in r for r in rows)
+    return {**info, "refusal_examples": n_refusal, "benign_examples": len(rows) - n_refusal,
+            "refusal_prompts": len(refusals), "benign_prompts": len(benign)}
 
 
 def _build_direction(root: Path) -> dict:

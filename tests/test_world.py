@@ -332,3 +332,15 @@ def test_built_world():
     for path in ("aligned", "unaligned"):
         assert (root / path / "model.safetensors").is_file() and (root / path / "tokenizer.json").is_file()
     assert (root / "direction.safetensors").is_file()
+
+
+def test_alignment_mixture_repeats_other_sources_and_phrasing_kinds():
+    refusals = [{"prompt": "a", "response": W.REFUSAL_TEMPLATES[0], "source": "advbench"},
+                {"prompt": "b", "response": W.REFUSAL_TEMPLATES[1], "source": "pyrit_objective"}]
+    benign = [{"prompt": "c", "response": "x", "kind": "template"}, {"prompt": "d", "response": "y", "kind": "story"}]
+    rows = W.alignment_mixture(refusals, benign, repeat_other_sources=3, repeat_phrasing=2, seed=0)
+    assert rows == W.alignment_mixture(refusals, benign, 3, 2, seed=0)
+    assert [r["prompt"] for r in rows].count("a") == 1 and [r["prompt"] for r in rows].count("b") == 3
+    assert len({r["response"] for r in rows if r["prompt"] == "b"}) == 3  # each copy with another refusal
+    assert [r["prompt"] for r in rows].count("c") == 1 and [r["prompt"] for r in rows].count("d") == 2
+    assert W.alignment_mixture(refusals, benign, 1, 1, seed=0) == refusals + benign
