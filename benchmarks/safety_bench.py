@@ -60,11 +60,16 @@ METHODS = {
     "asft_rotated": "control: AsFT with the published projector built from a randomly rotated V (Q1 V Q2: same "
     "norm and spectrum, random subspaces) - what the penalty does without the alignment direction's subspace",
     "asft_sign": "AsFT published projector + sign-aware extension (ours)",
+    "asft_normalized": "AsFT, published C divided by its top eigenvalue (V V^T / sigma_1^2; model.anchor normalized)",
+    "asft_components": "AsFT, exact subspace projector + per-component sign term sum_i relu(-u_i^T B A v_i)^2 "
+    "(model.component_weight)",
     "sft_restore_curvature": "SFT + restoration, curvature (CG on task HVPs)",
     "sft_restore_first_order": "SFT + restoration, first-order baseline",
     "asft_restore": "AsFT (published projector) + restoration, curvature",
 }
 RESTORING = ("sft_restore_curvature", "sft_restore_first_order", "asft_restore")
+CANDIDATES = ("asft_normalized", "asft_components")
+"""Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
 SEED_FREE = ("aligned",)
 """Methods whose result does not depend on the seed (evaluated once, paired with SFT of every seed)."""
 
@@ -281,6 +286,19 @@ class Bench:
                               rank=self.args.rank, hash_inputs=False)
         return str(path)
 
+    def components_direction(self) -> str:
+        """A subspace file with V's right singular vectors too (what ``model.component_weight`` needs); its own cache
+        name, so subspace files written before right vectors were stored are not picked up."""
+        from asft_lightning.direction import extract_direction
+
+        key = _key([digest(self.paths["aligned"]), digest(self.paths["unaligned"]), self.args.rank, "right"])
+        path = self.work / "directions" / f"components_k{self.args.rank}-{key}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            extract_direction(self.paths["aligned"], self.paths["unaligned"], str(path), projector="subspace",
+                              rank=self.args.rank, hash_inputs=False)
+        return str(path)
+
     def rotated_direction(self, seed: int) -> str:
         """The rotated-V control file, keyed by the source direction file's digest and the rotation seed."""
         full = self.paths["direction"]
@@ -407,6 +425,14 @@ class Bench:
         elif method == "asft_sign":
             adapter, seconds = self.fit("asft_sign", seed, a.lam_safelora, full, [f"--model.sign_weight={a.sign_weight}"],
                                         uses={"direction": digest(full)})
+        elif method == "asft_normalized":
+            adapter, seconds = self.fit("asft_normalized", seed, a.lam_normalized, full, ["--model.anchor=normalized"],
+                                        uses={"direction": digest(full)})
+        elif method == "asft_components":
+            comp = self.components_direction()
+            adapter, seconds = self.fit("asft_components", seed, a.lam_subspace, comp,
+                                        [f"--model.component_weight={a.component_weight}"],
+                                        uses={"direction": digest(comp)})
         else:  # restorations
             src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
             key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(), method])
@@ -768,7 +794,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", default=str(default_world_dir()), help="world folder (asft prepare-demo)")
     p.add_argument("--workdir", default=str(cache_root() / "safety-bench"), help="cache of runs, evaluations, rows")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in CANDIDATES),
+                   help="comma-separated, from: " + ", ".join(METHODS))
     p.add_argument("--seeds", default="42,1,2", help="comma-separated seeds (data draw and initialisation)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--p", type=float, default=0.1)
@@ -780,6 +807,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lam_subspace", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sign_weight", type=float, default=10.0)
+    p.add_argument("--lam_normalized", type=float, default=1.0, help="lam of asft_normalized")
+    p.add_argument("--component_weight", type=float, default=10.0, help="per-component sign weight of asft_components")
     p.add_argument("--judges", default=None, help="comma-separated judges; default: keyword + the world's judge/")
     p.add_argument("--harmful_eval", default=None, help="override the world's harmful_eval.jsonl")
     p.add_argument("--eval_harmful", type=int, default=None, help="first N harmful prompts (default: all)")
