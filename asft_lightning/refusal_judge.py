@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -121,21 +122,18 @@ def _stem(word: str) -> str:
     return word[:6]
 
 
+@functools.cache
 def _stop_words() -> frozenset[str]:
+    """scikit-learn's English stop words plus instruction verbs and question words (read once)."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
     return frozenset(ENGLISH_STOP_WORDS) | _INSTRUCTION_WORDS
 
 
-_STOP: frozenset[str] | None = None
-
-
 def content_stems(text: str) -> list[str]:
     """Stems of the content words of ``text`` (lower-case, 3+ characters, no stop words), in order."""
-    global _STOP
-    if _STOP is None:
-        _STOP = _stop_words()
-    return [_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOP]
+    stop = _stop_words()
+    return [_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in stop]
 
 
 def _head_words(text: str, n: int) -> str:
@@ -434,10 +432,8 @@ def _task_phrase(prompt: str) -> str | None:
 
 def _topic(prompt: str, limit: int = 6) -> str:
     """The prompt's first content words (no stop words or instruction verbs), for refusals that echo the topic."""
-    global _STOP
-    if _STOP is None:
-        _STOP = _stop_words()
-    words = [w for w in re.findall(r"[a-z][a-z'-]*", _normalise(prompt).lower()) if len(w) > 2 and w not in _STOP]
+    stop = _stop_words()
+    words = [w for w in re.findall(r"[a-z][a-z'-]*", _normalise(prompt).lower()) if len(w) > 2 and w not in stop]
     return " ".join(words[:limit]) or "this"
 
 
