@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from asft_lightning.metrics import JudgeError, KeywordJudge
+from asft_lightning.keyword_judge import JudgeError, KeywordJudge
 
 __all__ = [
     "CONFIG_FILE",
