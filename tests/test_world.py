@@ -344,3 +344,27 @@ def test_alignment_mixture_repeats_other_sources_and_phrasing_kinds():
     assert len({r["response"] for r in rows if r["prompt"] == "b"}) == 3  # each copy with another refusal
     assert [r["prompt"] for r in rows].count("c") == 1 and [r["prompt"] for r in rows].count("d") == 2
     assert W.alignment_mixture(refusals, benign, 1, 1, seed=0) == refusals + benign
+
+
+def test_world_cache_rebuilds_an_output_changed_since_it_was_built(tmp_path):
+    from asft_lightning.world_cache import WorldCache
+
+    logs: list[str] = []
+    built = []
+
+    def build() -> dict:
+        built.append(1)
+        (tmp_path / "out.txt").write_text("content")
+        (tmp_path / "dir").mkdir(exist_ok=True)
+        (tmp_path / "dir" / "w.bin").write_bytes(b"\x00\x01")
+        return {"n": len(built)}
+
+    cache = WorldCache(tmp_path, force=False, log=logs.append)
+    assert cache.run("stage", {"a": 1}, ["out.txt", "dir"], build)["n"] == 1
+    assert WorldCache(tmp_path, False, logs.append).run("stage", {"a": 1}, ["out.txt", "dir"], build)["n"] == 1
+    (tmp_path / "out.txt").write_text("CONTENT")  # same size, other bytes: only the digest can tell
+    assert WorldCache(tmp_path, False, logs.append).run("stage", {"a": 1}, ["out.txt", "dir"], build)["n"] == 2
+    assert any("changed since it was built (SHA-256 differs)" in m for m in logs)
+    (tmp_path / "dir" / "w.bin").write_bytes(b"\x00\x02")  # a file inside an output folder
+    assert WorldCache(tmp_path, False, logs.append).run("stage", {"a": 1}, ["out.txt", "dir"], build)["n"] == 3
+    assert WorldCache(tmp_path, False, logs.append).run("stage", {"a": 2}, ["out.txt", "dir"], build)["n"] == 4
