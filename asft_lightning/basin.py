@@ -338,25 +338,22 @@ class Probes:
     def cheap(self, model: Any) -> dict[str, Any]:
         """The teacher-forced figures: refusal margin and harmful loss (and the task loss with task examples).
 
-        ``margin``: mean over prompts of the per-prompt margin of :mod:`asft_lightning.margin` (mean log-probability
-        per scored token of the refusal minus that of the compliant answer, nats per token; > 0: prefers the
-        refusal); ``harmful_loss``: the compliant answers' mean negative log-likelihood per token, pooled over
-        prompts as a training loss is; ``task_loss`` likewise for the task answers. ``margins`` keeps the per-prompt
-        values. Every sequence (both answers of every pair, the task examples) is scored in one list sorted by
-        length, ``2 * batch_size`` sequences a forward pass, so that little is spent on padding.
+        ``margin``: mean over prompts of the per-prompt margin of :func:`asft_lightning.margin.margin_scores` (mean
+        log-probability per scored token of the refusal minus that of the compliant answer, nats per token; > 0:
+        prefers the refusal; each prompt computed once for both answers); ``harmful_loss``: the compliant answers'
+        mean negative log-likelihood per token, pooled over prompts as a training loss is; ``task_loss`` likewise
+        for the task answers, whose sequences are scored in one length-sorted list. ``margins`` keeps the
+        per-prompt values.
         """
+        from asft_lightning.margin import margin_scores
+
         out: dict[str, Any] = {}
         if self.pairs:
-            flat = [ex for pair in self.encoded for ex in pair]
-            sums, counts = self._score(model, flat)
-            margins, nll, tokens = [], 0.0, 0
-            for i in range(len(self.encoded)):
-                rs, rc, cs, cc = sums[2 * i], counts[2 * i], sums[2 * i + 1], counts[2 * i + 1]
-                margins.append(rs / rc - cs / cc)
-                nll -= cs
-                tokens += cc
+            records = margin_scores(model, self.tokenizer, self.pairs, self.batch_size, encoded=self.encoded)
+            margins = [r.margin for r in records]
+            tokens = sum(r.compliance_tokens for r in records)
             out["margin"] = math.fsum(margins) / len(margins)
-            out["harmful_loss"] = nll / tokens
+            out["harmful_loss"] = -math.fsum(r.compliance_logprob * r.compliance_tokens for r in records) / tokens
             out["margins"] = margins
         if self.task_examples:
             sums, counts = self._score(model, self.task_examples)
