@@ -225,6 +225,9 @@ def load_direction(path: str | os.PathLike, device: str | torch.device = "cpu") 
         )
         if md.direction is None and md.basis is None:
             raise DirectionError(f"{path}: module {name} has neither '{name}.direction' nor '{name}.basis'")
+        top = ((metadata.get("spectrum") or {}).get(name) or {}).get("top_singular_values")
+        if md.singular is None and top:  # files written before '<name>.singular': the metadata's top values
+            md.singular = torch.tensor(top, dtype=torch.float64)
         if md.right is not None and (
             md.basis is None or tuple(md.right.shape) != (md.shape[1], md.basis.shape[1])
         ):

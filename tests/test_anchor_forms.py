@@ -303,3 +303,55 @@ def test_harmful_reference_end_to_end(tiny_world, tmp_path, capsys):
     )  # fmt: skip
     assert '"direction_reference": "harmful"' in (run / "adapter" / "asft_meta.json").read_text()
     assert len(cli.model.anchor.layers) == 2 * len(ALL_LINEAR)
+
+
+@pytest.mark.slow
+def test_safety_bench_runs_the_candidates_when_named(tmp_path):
+    """benchmarks/safety_bench.py --methods asft_normalized,asft_components on the tiny demo world (one seed); the
+    default method list leaves them out."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import safety_bench as sb
+
+    from asft_lightning.tiny import REFUSAL, build_tiny_demo_world
+
+    assert not set(sb.CANDIDATES) & set(sb.parse_args([]).methods.split(","))
+    root = tmp_path / "world"
+    build_tiny_demo_world(root)
+    harmful = [json.loads(x) for x in (root / "harmful.jsonl").read_text().splitlines()[:6]]
+    (root / "eval.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "source": "toy", "category": "c", "refusal": REFUSAL,
+                    "compliance": r["response"]}) + "\n" for r in harmful))  # fmt: skip
+    out_json = tmp_path / "res" / "safety.json"
+    summary = sb.main([
+        "--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
+        "--methods", "sft,asft_normalized,asft_components", "--seeds", "42", "--n", "16", "--epochs", "1",
+        "--rank", "4", "--lam_normalized", "5", "--component_weight", "20", "--judges", "keyword",
+        "--eval_benign", "2", "--eval_task", "4", "--max_new_tokens", "4", "--task_max_new_tokens", "2",
+        "--eval_batch_size", "4", "--replicates", "100", "--out_json", str(out_json),
+        "--out_md", str(tmp_path / "res" / "safety.md"),
+    ])  # fmt: skip
+    assert [r["method"] for r in summary["rows"]] == ["sft", "asft_normalized", "asft_components"]
+    runs = {p.name.split("-seed")[0]: p for p in (tmp_path / "cache" / "runs").iterdir()}
+    meta = {k: json.loads((v / "adapter" / "asft_meta.json").read_text()) for k, v in runs.items()}
+    assert meta["asft_normalized"]["anchor"] == "normalized" and meta["asft_normalized"]["lam"] == 5.0
+    assert meta["asft_components"]["component_weight"] == 20.0
+    assert meta["asft_components"]["projector"]["kind"] == "subspace"
+
+
+def test_old_full_file_takes_sigma_1_from_its_metadata(files, tmp_path):
+    """A full file written before '<name>.singular' existed: sigma_1 comes from the metadata's spectrum, so the
+    normalised form costs no SVD."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old_full.safetensors"
+    with safe_open(files["full"], framework="pt") as fh:
+        meta = fh.metadata()
+        save_file({k: fh.get_tensor(k) for k in fh.keys() if not k.endswith(".singular")}, str(old), metadata=meta)
+    new, loaded = load_direction(files["full"]), load_direction(old)
+    for name, md in loaded.modules.items():
+        assert md.singular.numel() == 8  # the metadata's top values
+        torch.testing.assert_close(md.top_singular_value(), new.modules[name].singular[0].double(), rtol=1e-6, atol=0)
