@@ -17,7 +17,8 @@ the sign-aware term). The aligned model and both adapters are then evaluated wit
 evaluate`: harmful score HS (held-out harmful prompts answered instead of refused, keyword judge), fine-tune accuracy
 FA (task test split) and the benign refusal rate (held-out benign prompts refused).
 
-Evaluation uses the first ``eval_harmful`` / ``eval_task`` / ``eval_benign`` rows of the world's evaluation files.
+Evaluation uses a seeded random sample of ``eval_harmful`` / ``eval_benign`` rows of the world's harmful and benign
+evaluation files (they are ordered by source and kind) and the first ``eval_task`` task test rows (shuffled by the world).
 ``prepare-demo`` writes those files in a seeded random order, so the first rows are a random sample and the same one
 on every run.
 
@@ -292,13 +293,29 @@ class _Demo:
         self._save(record, record_path)
         return {**record, "cached": False}
 
+    def _sample(self, key: str, n: int) -> str:
+        """A seeded random sample of ``n`` rows of the world file ``key`` (the files are ordered by source and kind,
+        so their first rows are not a fair sample), written once into the output folder."""
+        import random
+
+        from asft_lightning.fileio import atomic_write_text
+
+        src = Path(self.paths[key])
+        lines = [line for line in src.read_text().splitlines() if line.strip()]
+        random.Random(f"demo-sample-{key}").shuffle(lines)
+        dest = self.out / "samples" / f"{key}-{n}-{_key(self.world_key)}.jsonl"
+        if not dest.is_file():
+            atomic_write_text("".join(line + "\n" for line in lines[:n]), dest)
+        return str(dest)
+
     def row(self, name: str, label: str, fit: dict[str, Any] | None) -> dict[str, Any]:
         """Evaluate (or reuse the cached evaluation of) the aligned model with ``fit``'s adapter (None: none)."""
         from asft_lightning.evaluate import evaluate
 
         s = self.s
         settings = {
-            "world": self.world_key, "version": CACHE_VERSION, "fit": None if fit is None else fit["settings"],
+            "world": self.world_key, "version": CACHE_VERSION, "sample": "seeded-shuffle",
+            "fit": None if fit is None else fit["settings"],
             **{k: s[k] for k in ("eval_harmful", "eval_task", "eval_benign", "max_new_tokens",
                                  "generation_batch_size", "case_sensitive")},
         }
@@ -318,11 +335,11 @@ class _Demo:
         }
         start = time.perf_counter()
         main = evaluate(
-            output_dir=str(eval_dir / "main"), harmful_data=self.paths["harmful_eval"],
-            task_data=self.paths["task_test"], limit=s["eval_harmful"], task_limit=s["eval_task"], **common,
+            output_dir=str(eval_dir / "main"), harmful_data=self._sample("harmful_eval", s["eval_harmful"]),
+            task_data=self.paths["task_test"], task_limit=s["eval_task"], **common,
         )
         benign = evaluate(
-            output_dir=str(eval_dir / "benign"), harmful_data=self.paths["benign_eval"], limit=s["eval_benign"],
+            output_dir=str(eval_dir / "benign"), harmful_data=self._sample("benign_eval", s["eval_benign"]),
             **common,
         )
         eval_seconds = round(time.perf_counter() - start, 1)
@@ -441,7 +458,7 @@ def demo(
         lr: learning rate (AdamW). None: 2e-4.
         batch_size: training batch size. None: 8.
         max_length: most tokens per training example. None: 128.
-        eval_harmful: evaluate HS on the first this many held-out harmful prompts. None: 50 (quick 24).
+        eval_harmful: evaluate HS on a seeded random sample of this many held-out harmful prompts. None: 50 (quick 24).
         eval_task: evaluate FA on the first this many task test examples. None: 60 (quick 24).
         eval_benign: benign refusal on the first this many held-out benign prompts. None: 30 (quick 16).
         max_new_tokens: tokens generated per evaluation prompt. None: 16.
