@@ -317,13 +317,29 @@ def _probes(
     return probes
 
 
-def _task_samples(task_data: str | None, limit: int, columns: tuple[str, str | None, str]) -> list:
+def _pick(rows: list, limit: int | None, sample_seed: int | None, key: str) -> list:
+    """``limit`` rows: a seeded random sample (the world's files are ordered by source and kind, so their first rows
+    are not a fair sample), in the sampled order; ``sample_seed=None``: the first rows."""
+    import random
+
+    if limit is None or limit >= len(rows):
+        limit = len(rows)
+    if sample_seed is None:
+        return rows[:limit]
+    order = list(range(len(rows)))
+    random.Random(f"asft-basin/{key}/{sample_seed}").shuffle(order)
+    return [rows[i] for i in order[:limit]]
+
+
+def _task_samples(
+    task_data: str | None, limit: int, columns: tuple[str, str | None, str], sample_seed: int | None
+) -> list:
     if task_data is None:
         return []
     from asft_lightning.data import load_samples
 
     prompt, extra, response = columns
-    return load_samples(task_data, "task_data", prompt, response, extra, limit=limit)
+    return _pick(load_samples(task_data, "task_data", prompt, response, extra), limit, sample_seed, "task")
 
 
 def _sha(path: str | None) -> str | None:
@@ -371,6 +387,7 @@ def curves(
     rank: int = 32,
     seed: int = 0,
     limit: int | None = 16,
+    sample_seed: int | None = 0,
     hs_steps: list[float] | None = None,
     hs_draws: int = 1,
     hs_limit: int = 32,
@@ -429,6 +446,8 @@ def curves(
         rank: k, the number of top left singular vectors of V that span V's subspace.
         seed: Seed of the random directions.
         limit: Rows of --harmful_data for the margin and the harmful loss (None: all).
+        sample_seed: Rows of every probe file are a random sample drawn with this seed (the world's files are
+            ordered by source and kind); None: the first rows.
         hs_steps: Steps (on the grid) at which HS and the benign refusal rate are also measured (generation).
         hs_draws: At --hs_steps, the first this many draws of each random family get HS.
         hs_limit: Harmful prompts for HS.
@@ -480,14 +499,18 @@ def curves(
     model_dir, gguf = _model_paths(model, gguf_file)
     out = _check_output(output_dir, {"model": model_dir, "adapter": adapter})
     directions = load_direction(direction)
-    pairs = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column, limit)
-    hs_prompts = load_prompts(harmful_data, "harmful_data", prompt_column, "prompt_column", hs_limit) if hs_grid else []
+    every_pair = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column)
+    pairs = _pick(every_pair, limit, sample_seed, "harmful")
+    hs_prompts = [p.prompt for p in _pick(every_pair, hs_limit, sample_seed, "harmful")] if hs_grid else []
     benign = (
-        load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column", benign_limit)
+        _pick(load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column"), benign_limit,
+              sample_seed, "benign")
         if benign_data
         else []
+    )  # fmt: skip
+    task_samples = _task_samples(
+        task_data, task_limit, (task_prompt_column, task_input_column, task_response_column), sample_seed
     )
-    task_samples = _task_samples(task_data, task_limit, (task_prompt_column, task_input_column, task_response_column))
     if hs_grid:
         judge_kind(judge)
     meta, fingerprint = _meta_model(model_dir, gguf, model)
@@ -536,6 +559,7 @@ def curves(
                 directions.metadata.get("target_modules"), "rank": rank, "families": list(families),
             "draws": draws, "seed": seed, "steps": grid, "hs_steps": hs_grid, "hs_draws": hs_draws,
             "harmful_data": harmful_data, "harmful_data_sha256": _sha(harmful_data), "margin_prompts": len(pairs),
+            "sample_seed": sample_seed, "margin_rows": [p.row for p in pairs],
             "hs_prompts": len(hs_prompts), "benign_data": benign_data, "benign_prompts": len(benign),
             "task_data": task_data, "task_examples": len(task_samples), "max_new_tokens": max_new_tokens,
             "judge": judge_obj.describe() if judge_obj is not None and hasattr(judge_obj, "describe") else judge,
@@ -609,6 +633,7 @@ def attribute(
     per_group: bool = True,
     generate: bool = True,
     limit: int | None = 50,
+    sample_seed: int | None = 0,
     task_limit: int = 60,
     benign_limit: int = 30,
     max_new_tokens: int = 32,
@@ -666,6 +691,8 @@ def attribute(
         per_group: Also measure each module group's parts.
         generate: Measure HS, FA and benign refusal (generation); false: margin and harmful loss only.
         limit: Rows of --harmful_data (margin and HS).
+        sample_seed: Rows of every probe file are a random sample drawn with this seed (the world's files are
+            ordered by source and kind); None: the first rows.
         task_limit: Task examples for FA.
         benign_limit: Benign prompts.
         max_new_tokens: New tokens per generation for HS and benign refusal.
@@ -710,15 +737,17 @@ def attribute(
         raise InputNotFoundError(f"--fine_tuned {fine_tuned!r}: no such directory")
     out = _check_output(output_dir, {"model": model_dir, "adapter": adapter, "fine_tuned": fine_tuned})
     directions = load_direction(direction)
-    pairs = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column, limit)
-    hs_prompts = load_prompts(harmful_data, "harmful_data", prompt_column, "prompt_column", limit) if generate else []
+    every_pair = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column)
+    pairs = _pick(every_pair, limit, sample_seed, "harmful")
+    hs_prompts = [p.prompt for p in pairs] if generate else []
     benign = (
-        load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column", benign_limit)
+        _pick(load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column"), benign_limit,
+              sample_seed, "benign")
         if benign_data and generate
         else []
-    )
+    )  # fmt: skip
     columns = (task_prompt_column, task_input_column, task_response_column)
-    task_samples = _task_samples(task_data, task_limit, columns) if generate else []
+    task_samples = _task_samples(task_data, task_limit, columns, sample_seed) if generate else []
     if task_samples and task_mode == "label" and labels is None:
         labels = _labels(task_data, task_response_column)
     if generate:
@@ -766,6 +795,7 @@ def attribute(
             "update": notes, "updated_modules": len(deltas), "modules_with_direction": len(covered),
             "direction": direction, "direction_target_modules": directions.metadata.get("target_modules"),
             "rank": rank, "per_group": per_group, "generate": generate, "harmful_data": harmful_data,
+            "sample_seed": sample_seed, "margin_rows": [p.row for p in pairs],
             "harmful_data_sha256": _sha(harmful_data), "margin_prompts": len(pairs), "hs_prompts": len(hs_prompts),
             "task_data": task_data, "task_examples": len(task_samples), "task_mode": task_mode, "labels": labels,
             "benign_data": benign_data, "benign_prompts": len(benign), "max_new_tokens": max_new_tokens,

@@ -191,6 +191,16 @@ def test_perturb_and_undo_restore_every_weight_bit_for_bit(tiny_world):
         B.WeightPerturbation(model, ["model.norm"])
 
 
+def test_probe_rows_are_a_seeded_sample():
+    from asft_lightning.basin_command import _pick
+
+    rows = list(range(100))
+    one, again, other = _pick(rows, 10, 0, "harmful"), _pick(rows, 10, 0, "harmful"), _pick(rows, 10, 1, "harmful")
+    assert one == again != other and len(set(one)) == 10 and one != rows[:10]
+    assert _pick(rows, 10, None, "harmful") == rows[:10] and _pick(rows, None, None, "x") == rows
+    assert sorted(_pick(rows, 500, 3, "benign")) == rows
+
+
 def test_step_grid_checks():
     assert B.check_steps([1, 0, -1]) == [-1.0, 0.0, 1.0]
     with pytest.raises(ArgumentError, match="--steps: the grid must contain 0"):
@@ -331,10 +341,14 @@ def test_attribute_a_lora_adapter(tiny_world, tiny_direction, files, adapter, tm
     report = json.loads((out / "basin_attribution.json").read_text())
     tok = AutoTokenizer.from_pretrained(tiny_world["aligned"])
     base = AutoModelForCausalLM.from_pretrained(tiny_world["aligned"])
+    rows = report["settings"]["margin_rows"]  # a seeded sample of 6 of the 10 rows
+    assert len(rows) == 6 == len(set(rows)) and rows != list(range(6))
+    lines = Path(files["harmful"]).read_text().splitlines(keepends=True)
     limited = tmp_path / "six.jsonl"
-    limited.write_text("".join(Path(files["harmful"]).read_text().splitlines(keepends=True)[:6]))
+    limited.write_text("".join(lines[i] for i in rows))
     assert report["aligned"]["margin"] == pytest.approx(_margin_of(base, tok, str(limited)), abs=1e-6)
     rows = {r["name"]: r for r in report["configs"]}
+    assert report["settings"]["hs_prompts"] == 6 and report["aligned"]["harmful_prompts"] == 6
     with_adapter = PeftModel.from_pretrained(base, adapter)
     assert rows["full"]["margin"] == pytest.approx(_margin_of(with_adapter, tok, str(limited)), abs=1e-4)
     # q and v have a direction, down_proj does not: its update is the "uncovered" part
