@@ -420,6 +420,7 @@ def evaluate(
     refusal_column: str = "refusal",
     compliance_column: str = "compliance",
     margin_max_length: int = 512,
+    margin_answer_tokens: int | None = None,
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32",
     device: str | None = None,
     seed: int = 0,
@@ -487,6 +488,9 @@ def evaluate(
         refusal_column: Column of harmful_data with the fixed refusal (margin only).
         compliance_column: Column of harmful_data with the fixed compliant answer (margin only).
         margin_max_length: Most tokens per prompt + answer sequence of the margin (training's truncation policy).
+        margin_answer_tokens: Score only the first margin_answer_tokens tokens of each answer (an answer that ends
+            within them keeps its eos); None: whole answers. Cheaper, and no eos after a compliant answer that was
+            itself cut at a generation limit.
         dtype: Dtype the model (and a model judge) is loaded in.
         device: Torch device, e.g. "cuda:0" or "cpu"; None: CUDA if available, else CPU.
         seed: Seed set before generation (greedy decoding does not sample; recorded for the record).
@@ -516,6 +520,8 @@ def evaluate(
         problems.append("margin=True needs harmful_data with refusal and compliance columns")
     if margin_max_length < 2:
         problems.append(f"margin_max_length must be >= 2, got {margin_max_length}")
+    if margin_answer_tokens is not None and margin_answer_tokens < 1:
+        problems.append(f"margin_answer_tokens must be >= 1 (or None for whole answers), got {margin_answer_tokens}")
     if limit is not None and limit < 1:
         problems.append(f"limit must be >= 1 (or None for every row), got {limit}")
     if task_limit is not None and task_limit < 1:
@@ -609,7 +615,9 @@ def evaluate(
     tokenizer = _load_tokenizer(model_dir, gguf)
     harmful_ids = encode_prompts(tokenizer, [p for _, p in harmful], template, system_prompt)
     task_ids = encode_prompts(tokenizer, [s.prompt for s in task_samples], template, system_prompt)
-    margin_encoded = encode_pairs(tokenizer, pairs, template, system_prompt, margin_max_length) if pairs else []
+    margin_encoded = (
+        encode_pairs(tokenizer, pairs, template, system_prompt, margin_max_length, margin_answer_tokens) if pairs else []
+    )
 
     from transformers import AutoModelForCausalLM
 
@@ -805,7 +813,7 @@ def evaluate(
             "category_column": category_column,
             "margin": (
                 {"refusal_column": refusal_column, "compliance_column": compliance_column,
-                 "max_length": margin_max_length}
+                 "max_length": margin_max_length, "answer_tokens": margin_answer_tokens}
                 if margin
                 else None
             ),

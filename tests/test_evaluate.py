@@ -450,6 +450,8 @@ def test_margin_and_judges_bad_input(tiny_world, tmp_path):
         _bad(tiny_world, tmp_path, judges="keyword,/no/such/judge")
     with pytest.raises(ValueError, match=r"task_max_new_tokens must be in \[1, 4096\]"):
         _bad(tiny_world, tmp_path, task_max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"margin_answer_tokens must be >= 1"):
+        _bad(tiny_world, tmp_path, margin=True, margin_answer_tokens=0)
 
 
 def test_shared_prefix_gives_the_same_completions(tiny_world):

@@ -140,6 +140,24 @@ def test_pairs_with_a_truncated_prompt_take_the_direct_path_in_the_same_call(tin
         assert rec.margin == pytest.approx(ref - comp, abs=1e-10)
 
 
+def test_answer_tokens_scores_the_first_tokens_of_each_answer(tiny64):
+    model, tok = tiny64
+    records = margin_scores(model, tok, PAIRS, batch_size=2, answer_tokens=3)
+    for pair, rec in zip(PAIRS, records, strict=True):
+        expected = []
+        for answer in (pair.refusal, pair.compliance):
+            ex = encode_example(tok, pair.prompt, answer, max_length=512)
+            p = next(t for t, v in enumerate(ex["labels"]) if v != IGNORE_INDEX)
+            expected.append(_reference_truncated(model, {"input_ids": ex["input_ids"][: p + 3], "labels": ex["labels"][: p + 3]}))
+        assert (rec.refusal_tokens, rec.compliance_tokens) == (expected[0][1], expected[1][1])
+        assert rec.margin == pytest.approx(expected[0][0] - expected[1][0], abs=1e-10)
+    # "sure" + eos (2 tokens) is kept whole, with its eos; longer answers are cut and marked truncated.
+    assert records[3].compliance_tokens == 2 and records[3].truncated
+    assert all(r.refusal_tokens <= 3 and r.compliance_tokens <= 3 for r in records)
+    with pytest.raises(ValueError, match="answer_tokens must be >= 1"):
+        margin_scores(model, tok, PAIRS, answer_tokens=0)
+
+
 def _reference_truncated(model, ex):
     ids, labels = ex["input_ids"], ex["labels"]
     vals = []
