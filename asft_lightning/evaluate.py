@@ -21,7 +21,8 @@ Outputs, each written atomically (temporary file in ``output_dir``, then renamed
 
 Cost: prompts are batched by token length (longest first, order restored), their common token prefix (the chat
 template's system line, the task's fixed instruction) is computed once and its KV cache shared by every batch
-(``generate(share_prefix=True)``), each sequence stops at end-of-turn / eos and the batch when all have stopped;
+(``generate(share_prefix=True)``), each sequence stops at end-of-turn / eos and leaves the batch, with its KV-cache
+rows (``generate(drop_finished=True)``);
 harmful and task prompts get their own new-token caps (``max_new_tokens``, ``task_max_new_tokens``: a label answer
 needs a few tokens, a judge a few dozen). The margin computes each prompt once for both answers.
 
@@ -648,12 +649,15 @@ def evaluate(
 
     clock = time.perf_counter()
     harmful_gen = generate(
-        lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts", share_prefix=True
+        lm, tokenizer, harmful_ids, batch_size, max_new_tokens, progress, "harmful prompts", share_prefix=True,
+        drop_finished=True,
     )
     timings["generate_harmful"] = time.perf_counter() - clock
     clock = time.perf_counter()
     task_tokens = max_new_tokens if task_max_new_tokens is None else task_max_new_tokens
-    task_gen = generate(lm, tokenizer, task_ids, batch_size, task_tokens, progress, "task prompts", share_prefix=True)
+    task_gen = generate(
+        lm, tokenizer, task_ids, batch_size, task_tokens, progress, "task prompts", share_prefix=True, drop_finished=True
+    )
     timings["generate_task"] = time.perf_counter() - clock
     margins = []
     if pairs:
@@ -824,7 +828,8 @@ def evaluate(
                 "num_beams": 1,
                 "use_cache": True,
                 "padding_side": "left",
-                "batching": "sorted by prompt length, longest first; input order restored; common prefix cached",
+                "batching": "sorted by prompt length, longest first; input order restored; common prefix cached; "
+                "finished sequences dropped from the batch",
                 "stop_token_ids": stop_ids,
             },
         },

@@ -82,6 +82,57 @@ def expanded_cache(cache: Any, batch: int) -> Any:
 
 
 @torch.no_grad()
+def _greedy_dropping_finished(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    past: Any,
+    skip: int,
+    max_new_tokens: int,
+    stop: Sequence[int],
+) -> list[list[int]]:
+    """Greedy decoding that removes each sequence from the batch (and its rows from the KV cache) once it has
+    produced a stop token, so finished answers cost nothing while the others go on.
+
+    ``input_ids`` / ``attention_mask``: the batch as :func:`generate` lays it out; ``past``: the cache of its first
+    ``skip`` positions (the shared prefix) or ``None``. Returns the new tokens of each row, stop token included.
+    """
+    device = input_ids.device
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids[:, skip:],
+        attention_mask=attention_mask,
+        position_ids=position_ids[:, skip:],
+        past_key_values=past,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    past = out.past_key_values
+    stop_ids = torch.tensor(list(stop), device=device, dtype=torch.long)
+    alive = torch.arange(input_ids.shape[0], device=device)
+    tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    mask = attention_mask
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].float().argmax(-1)
+        for row, tok in zip(alive.tolist(), nxt.tolist(), strict=True):
+            tokens[row].append(tok)
+        if step == max_new_tokens - 1:
+            break
+        keep = ~torch.isin(nxt, stop_ids) if len(stop_ids) else torch.ones_like(nxt, dtype=torch.bool)
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            index = keep.nonzero().squeeze(1)
+            past.batch_select_indices(index)
+            alive, nxt, mask = alive[index], nxt[index], mask[index]
+        positions = mask.sum(-1, keepdim=True)  # the new token's position: the number of real tokens before it
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=past,
+                    use_cache=True)
+    return tokens
+
+
+@torch.no_grad()
 def generate(
     model: Any,
     tokenizer: Any,
@@ -91,6 +142,7 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     share_prefix: bool = False,
+    drop_finished: bool = False,
 ) -> list[str]:
     """Batched greedy generation; returns the decoded completions only (prompt tokens stripped), in input order.
 
@@ -106,6 +158,10 @@ def generate(
     from the attention mask), which gives the same completions as without it, up to floating-point round-off,
     at a fraction of the prompt cost when the prefix is long. Prefixes under 8 tokens are not shared.
 
+    With ``drop_finished`` the decoding loop is this module's own (greedy, the same argmax as ``model.generate``)
+    and a sequence leaves the batch, its KV-cache rows with it, as soon as it has stopped: a batch of mostly short
+    answers (refusals) then costs what its answers need, not ``batch_size`` times the longest one.
+
     Args:
         model: a Hugging Face causal LM (or a PEFT model around one).
         tokenizer: its tokenizer.
@@ -115,6 +171,7 @@ def generate(
         progress: show a progress bar on stderr.
         desc: the progress bar's label.
         share_prefix: compute the prompts' common token prefix once (see above).
+        drop_finished: drop finished sequences from the batch while the others go on (see above).
     """
     if batch_size < 1:
         raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
@@ -170,14 +227,20 @@ def generate(
             if shared:
                 input_ids[:, :shared] = torch.tensor(ids[chunk[0]][:shared], dtype=torch.long)
                 attention_mask[:, :shared] = 1
-            result = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                **({"past_key_values": expanded_cache(cache, len(chunk))} if shared else {}),
-            )
+            past = expanded_cache(cache, len(chunk)) if shared else None
+            if drop_finished:
+                new = _greedy_dropping_finished(
+                    model, input_ids.to(device), attention_mask.to(device), past, shared, max_new_tokens, eos
+                )
+            else:
+                result = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    **({"past_key_values": past} if shared else {}),
+                )
+                new = [result[j, width:].tolist() for j in range(len(chunk))]
             for j, i in enumerate(chunk):
-                text = tokenizer.decode(result[j, width:].tolist(), skip_special_tokens=True)
-                out[i] = text.strip()
+                out[i] = tokenizer.decode(new[j], skip_special_tokens=True).strip()
             bar.update(len(chunk))
     return [o if o is not None else "" for o in out]

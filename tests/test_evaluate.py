@@ -454,8 +454,9 @@ def test_margin_and_judges_bad_input(tiny_world, tmp_path):
         _bad(tiny_world, tmp_path, margin=True, margin_answer_tokens=0)
 
 
-def test_shared_prefix_gives_the_same_completions(tiny_world):
-    """generate(share_prefix=True): the prompts' common prefix (here a system line) run once, same answers."""
+def test_shared_prefix_and_dropping_finished_rows_give_the_same_completions(tiny_world):
+    """generate(share_prefix=True): the prompts' common prefix (here a system line) run once; drop_finished=True:
+    finished rows leave the batch. Same answers as model.generate on the whole batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asft_lightning.data import encode_prompts
@@ -467,7 +468,14 @@ def test_shared_prefix_gives_the_same_completions(tiny_world):
     users += ["classify the sentiment\nthe song was dull", "classify the sentiment\nthe hotel was lovely"]
     ids = encode_prompts(tok, users, system_prompt="classify the sentiment of the movie the book and the show")
     assert common_prefix_length(ids) >= 8 and len({len(x) for x in ids}) > 1
-    plain = generate(model, tok, ids, batch_size=3, max_new_tokens=6, progress=False)
-    shared = generate(model, tok, ids, batch_size=3, max_new_tokens=6, progress=False, share_prefix=True)
+    plain = generate(model, tok, ids, batch_size=3, max_new_tokens=12, progress=False)
+    shared = generate(model, tok, ids, batch_size=3, max_new_tokens=12, progress=False, share_prefix=True)
     assert shared == plain and all(plain)
+    # The own greedy loop that drops finished rows: same completions, with and without the shared prefix.
+    for share in (False, True):
+        dropped = generate(model, tok, ids, batch_size=3, max_new_tokens=12, progress=False, share_prefix=share,
+                           drop_finished=True)
+        assert dropped == plain
+    lengths = {len(tok(g, add_special_tokens=False)["input_ids"]) for g in plain}
+    assert min(lengths) < 11  # rows finish at different steps: the dropping is exercised
     assert common_prefix_length([[1, 2, 3], [1, 2]]) == 1 and common_prefix_length([[5, 6], [7]]) == 0
