@@ -261,7 +261,7 @@ class Bench:
             "judges": [j if j == "keyword" else digest(j) for j in self.judges],
             "eval_harmful": a.eval_harmful, "eval_benign": a.eval_benign, "eval_task": a.eval_task,
             "max_new_tokens": a.max_new_tokens, "task_max_new_tokens": a.task_max_new_tokens,
-            "margin": not a.no_margin, "version": 2,
+            "margin": not a.no_margin, "margin_answer_tokens": a.margin_answer_tokens or None, "version": 2,
         }  # fmt: skip
 
     def restore_settings(self) -> dict[str, Any]:
@@ -371,16 +371,18 @@ class Bench:
             return json.loads(done.read_text())
         common = {"model": self.paths["aligned"], "adapter": str(adapter) if adapter else None,
                   "judges": ",".join(self.judges), "batch_size": a.eval_batch_size,
-                  "max_new_tokens": a.max_new_tokens, "progress": a.progress, "verbose": False}
+                  "max_new_tokens": a.max_new_tokens, "progress": a.progress, "verbose": False, "write_timings": True}
         t0 = time.perf_counter()
         main = evaluate(output_dir=str(out / "main"), harmful_data=self.paths["harmful_eval"],
                         task_data=self.paths["task_test"], limit=a.eval_harmful, task_limit=a.eval_task,
-                        task_max_new_tokens=a.task_max_new_tokens, margin=not a.no_margin, **common)
+                        task_max_new_tokens=a.task_max_new_tokens, margin=not a.no_margin,
+                        margin_answer_tokens=a.margin_answer_tokens or None, **common)
         benign = evaluate(output_dir=str(out / "benign"), harmful_data=self.paths["benign_eval"],
                           limit=a.eval_benign, **common)
         seconds = round(time.perf_counter() - t0, 1)
         result = vectors_from_eval(out / "main", out / "benign", main, benign)
         result["eval_seconds"] = seconds
+        result["eval_timings"] = {part: json.loads((out / part / "timings.json").read_text()) for part in ("main", "benign")}
         _write_json(done, result)
         return result
 
@@ -815,9 +817,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_benign", type=int, default=None, help="first N benign prompts (default: all)")
     p.add_argument("--eval_task", type=int, default=None, help="first N task test examples (default: all)")
     p.add_argument("--eval_batch_size", type=int, default=32)
-    p.add_argument("--max_new_tokens", type=int, default=32, help="new tokens per harmful / benign prompt")
-    p.add_argument("--task_max_new_tokens", type=int, default=8, help="new tokens per task example")
+    p.add_argument("--max_new_tokens", type=int, default=32,
+                   help="new tokens per harmful / benign prompt (judges' verdicts at 32 agree with 48 on >= 97%% of "
+                   "prompts: benchmarks/results/eval_cost.md)")
+    p.add_argument("--task_max_new_tokens", type=int, default=8,
+                   help="new tokens per task example (the label comes after a few words; 4 tokens lose 2-5%% of verdicts)")
     p.add_argument("--no_margin", action="store_true", help="skip the margin score")
+    p.add_argument("--margin_answer_tokens", type=int, default=32,
+                   help="margin: score the first N tokens of each answer (0: whole answers with their eos; the "
+                   "world's compliant answers are cut at its generation limit, so their eos is an artefact)")
     p.add_argument("--restore_harmful", type=int, default=64)
     p.add_argument("--restore_retain", type=int, default=64)
     p.add_argument("--restore_steps", type=int, default=10)
