@@ -405,14 +405,14 @@ class Bench:
             adapter, seconds = self.sft(seed)
         elif method == "safelora":
             sft, _ = self.sft(seed)
-            adapter = self.work / "runs" / f"safelora-seed{seed}-{_key([digest(sft / 'adapter_model.safetensors'), digest(full)])}"
+            adapter = self.work / "runs" / f"safelora-seed{seed}-{_key([digest(sft / 'adapter_model.safetensors'), digest(full), a.safelora_selection])}"
             t0 = time.perf_counter()  # the projection alone; SFT is its own row
             report_file = adapter / "safelora_report.json"
             if report_file.is_file() and (adapter / "adapter_model.safetensors").is_file():
                 report = json.loads(report_file.read_text())
             else:
                 report = safelora(adapter=str(sft), direction=full, output=str(adapter), num_proj_layers=10,
-                                  overwrite=True)
+                                  selection=a.safelora_selection, overwrite=True)
             seconds = round(time.perf_counter() - t0, 1)
             extra["projected"] = sum(r["projected"] for r in report["modules"].values())
         elif method == "asft_safelora":
@@ -819,9 +819,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval_batch_size", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=32,
                    help="new tokens per harmful / benign prompt (judges' verdicts at 32 agree with 48 on >= 97%% of "
-                   "prompts: benchmarks/results/eval_cost.md)")
+                   "prompts: benchmarks/results/eval_cost_agreement.md)")
     p.add_argument("--task_max_new_tokens", type=int, default=8,
                    help="new tokens per task example (the label comes after a few words; 4 tokens lose 2-5%% of verdicts)")
+    p.add_argument("--safelora_selection", choices=("published", "strict"), default="published",
+                   help="Safe LoRA's module selection (asft safelora --selection); part of the row's cache key")
     p.add_argument("--no_margin", action="store_true", help="skip the margin score")
     p.add_argument("--margin_answer_tokens", type=int, default=32,
                    help="margin: score the first N tokens of each answer (0: whole answers with their eos; the "
