@@ -42,8 +42,10 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from asft_lightning.archives import (
@@ -59,6 +61,7 @@ from asft_lightning.archives import (
     pip_download,
 )
 from asft_lightning.dedup import near_duplicate_groups
+from asft_lightning.errors import ArgumentError
 from asft_lightning.fileio import atomic_write_text, sha256_file
 from asft_lightning.paths import default_world_dir
 from asft_lightning.world_cache import (
@@ -197,136 +200,192 @@ def prepare_demo(
     Returns:
         The manifest (world.json): paths, digests, sizes, seeds, split sizes, stage timings and measurements.
     """
+    s = SimpleNamespace(**locals())  # the settings, for the stages and their cache keys
+    _check_settings(s)
+    world = _open_world(cache_dir, force, verbose)
+    start_all = time.perf_counter()
+    with _torch_threads(threads or auto_threads()) as n_threads:
+        sources = _verify_sources(world)
+        world.manifest.update(seed=seed, root=str(world.root), threads=n_threads)
+        world.save()
+
+        # Data, then the unaligned model's own answers, then the aligned model and its direction.
+        files = _data_stage(world, s, sources)["files"]  # digests: a stage reruns when the data it reads changed
+        unaligned = _unaligned_stage(world, sources)
+        from asft_lightning.metrics import KeywordJudge
+
+        judge = KeywordJudge()  # case-sensitive, as the GCG code
+        benign = _benign_answers_stage(world, s, unaligned, files, judge)
+        harmful = _harmful_answers_stage(world, s, unaligned, files, judge)
+        aligned = _aligned_stage(world, s, unaligned, benign, files)
+        _direction_stage(world, unaligned, aligned)
+
+        # Measurements of both models, the second judge, and the second judge's measurements.
+        if measure:
+            _eval_stages(world, s, {"unaligned": unaligned, "aligned": aligned}, files, harmful, judge)
+        judge_stage = _judge_stage(world, seed, harmful, benign, files)
+        if measure:
+            _judge2_stages(world, judge_stage)
+
+        _finish_manifest(world.manifest, world.root, benign, harmful, start_all)
+        world.save()
+        world.log(_summary(world.manifest))
+        return world.manifest
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings, cache folder, threads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_settings(s: SimpleNamespace) -> None:
+    """Every setting out of range, in one :class:`ArgumentError` (before anything is written)."""
     problems = []
-    for name, value, low in (
-        ("max_prompt_chars", max_prompt_chars, 20), ("task_train_per_class", task_train_per_class, 1),
-        ("task_test_per_class", task_test_per_class, 1), ("n_benign_train", n_benign_train, 1),
-        ("n_benign_eval", n_benign_eval, 1), ("benign_max_new_tokens", benign_max_new_tokens, 1),
-        ("harmful_max_new_tokens", harmful_max_new_tokens, 1),
-        ("align_steps", align_steps, 1), ("align_batch_size", align_batch_size, 1),
-        ("align_repeat_other_sources", align_repeat_other_sources, 1), ("align_repeat_phrasing", align_repeat_phrasing, 1),
-        ("align_max_length", align_max_length, 16), ("eval_max_new_tokens", eval_max_new_tokens, 1),
-        ("task_max_new_tokens", task_max_new_tokens, 1), ("generation_batch_size", generation_batch_size, 1),
-    ):
+    for name, low in (
+        ("max_prompt_chars", 20), ("task_train_per_class", 1), ("task_test_per_class", 1), ("n_benign_train", 1),
+        ("n_benign_eval", 1), ("benign_max_new_tokens", 1), ("harmful_max_new_tokens", 1), ("align_steps", 1),
+        ("align_batch_size", 1), ("align_repeat_other_sources", 1), ("align_repeat_phrasing", 1),
+        ("align_max_length", 16), ("eval_max_new_tokens", 1), ("task_max_new_tokens", 1),
+        ("generation_batch_size", 1),
+    ):  # fmt: skip
+        value = getattr(s, name)
         if value < low:
             problems.append(f"{name} must be >= {low}, got {value}")
-    if not 0 < align_lr < 1:
-        problems.append(f"align_lr must be in (0, 1), got {align_lr}")
-    if threads is not None and threads < 1:
-        problems.append(f"threads must be >= 1 or None, got {threads}")
+    if not 0 < s.align_lr < 1:
+        problems.append(f"align_lr must be in (0, 1), got {s.align_lr}")
+    if s.threads is not None and s.threads < 1:
+        problems.append(f"threads must be >= 1 or None, got {s.threads}")
     if problems:
-        raise ValueError("prepare_demo: " + "; ".join(problems))
+        raise ArgumentError("prepare_demo: " + "; ".join(problems))
 
+
+def _open_world(cache_dir: str | None, force: bool, verbose: bool) -> WorldCache:
+    """The cache folder (created) and its manifest; offline from here on (no hub for models, data or tokenizers)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     log: Callable[[str], None] = (lambda m: print(m, flush=True)) if verbose else (lambda m: None)
     root = (Path(cache_dir).expanduser() if cache_dir else default_world_dir()).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    world = WorldCache(root, force, log)
-    m = world.manifest
-    start_all = time.perf_counter()
+    return WorldCache(root, force, log)
 
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[int]:
+    """Torch CPU threads set to ``n`` inside the block, restored after it."""
     import torch
 
-    old_threads = torch.get_num_threads()
-    n_threads = threads or auto_threads()
-    torch.set_num_threads(n_threads)
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        sources = _verify_sources(world)
-        m["seed"] = seed
-        m["root"] = str(root)
-        m["threads"] = n_threads
-        world.save()
-
-        data_settings = {"seed": seed, "max_prompt_chars": max_prompt_chars,
-                         "task_train_per_class": task_train_per_class, "task_test_per_class": task_test_per_class,
-                         "n_benign_train": n_benign_train, "n_benign_eval": n_benign_eval,
-                         "sources": {k: v.sha256 for k, v in MEMBERS.items()},
-                         "wheel": ARCHIVES["advbench"].sha256, "refusal_templates": texts_digest(REFUSAL_TEMPLATES),
-                         "benign_phrasing": digest(_benign_phrasing(seed)), "shares": digest(_shares()),
-                         "version": 2}
-        data = world.run("data", data_settings, DATA_FILES,
-                         lambda: _build_data(root, sources, seed, max_prompt_chars, task_train_per_class,
-                                             task_test_per_class, n_benign_train, n_benign_eval))
-        files = data["files"]  # content digests: a stage reruns only when the data it reads changed
-
-        unaligned = world.run(
-            "unaligned",
-            {"gguf": MEMBERS["gguf"].sha256, "version": 1},
-            ["unaligned"],
-            lambda: convert_gguf(sources["gguf"], root / "unaligned"),
-        )
-
-        from asft_lightning.metrics import KeywordJudge
-
-        judge = KeywordJudge()  # case-sensitive, as the GCG code
-        benign = world.run(
-            "benign_answers",
-            {"model": unaligned["key"], "max_new_tokens": benign_max_new_tokens,
-             "prompts": files["benign_train_prompts.jsonl"], "version": 1},
-            ["benign_train.jsonl"],
-            lambda: _build_benign_answers(root, judge, generation_batch_size, benign_max_new_tokens, verbose),
-        )
-        harmful = world.run(
-            "harmful_answers",
-            {"model": unaligned["key"], "max_new_tokens": harmful_max_new_tokens, "seed": seed,
-             "prompts": [files[f] for f in HARMFUL_PROMPT_FILES.values()], "version": 2},
-            list(HARMFUL_ANSWER_FILES),
-            lambda: _build_harmful_answers(root, judge, seed, generation_batch_size, harmful_max_new_tokens, verbose),
-        )
-
-        align_settings = {"unaligned": unaligned["key"], "refusals": files["refusals.jsonl"], "benign": benign["key"],
-                          "steps": align_steps, "lr": align_lr, "batch_size": align_batch_size,
-                          "max_length": align_max_length, "seed": seed, "repeat_other_sources": align_repeat_other_sources,
-                          "repeat_phrasing": align_repeat_phrasing, "version": 2}
-        aligned = world.run(
-            "aligned", align_settings, ["aligned"],
-            lambda: _build_aligned(root, seed, align_steps, align_lr, align_batch_size, align_max_length,
-                                   align_repeat_other_sources, align_repeat_phrasing, log),
-        )
-        world.run("direction", {"aligned": aligned["key"], "unaligned": unaligned["key"], "version": 1},
-                  ["direction.safetensors", "direction.safetensors.json"], lambda: _build_direction(root))
-
-        if measure:
-            eval_files = ("harmful_eval.jsonl", "benign_eval.jsonl", "task_test.jsonl")
-            for which, stage in (("unaligned", unaligned), ("aligned", aligned)):
-                world.run(
-                    f"eval_{which}",
-                    {"model": stage["key"], "max_new_tokens": eval_max_new_tokens,
-                     "data": [files.get(f) or harmful["files"].get(f) for f in eval_files],
-                     "task_max_new_tokens": task_max_new_tokens, "batch_size": generation_batch_size, "version": 2},
-                    [f"eval/{which}"],
-                    lambda which=which: measure_model(root, which, judge, eval_max_new_tokens, task_max_new_tokens,
-                                                 generation_batch_size, verbose),
-                )
-
-        judge_stage = world.run(
-            "judge",
-            {"harmful": harmful["key"], "benign": benign["key"], "refusals": files["refusals.jsonl"], "seed": seed,
-             "version": 1},
-            ["judge"],
-            lambda: _build_judge(root, seed),
-        )
-        if measure:
-            for which in ("unaligned", "aligned"):
-                world.run(
-                    f"judge2_{which}",
-                    {"eval": m["stages"][f"eval_{which}"]["key"], "judge": judge_stage["key"], "version": 1},
-                    [],
-                    lambda which=which: measure_judge2(root, which),
-                )
-
-        _finish_manifest(m, root, benign, harmful, start_all)
-        world.save()
-        log(_summary(m))
-        return m
+        yield n
     finally:
-        torch.set_num_threads(old_threads)
+        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The stages of prepare_demo, one function each
+# The stages of prepare_demo: each one's cache key (settings and the digests of what it reads) and its outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _data_stage(world: WorldCache, s: SimpleNamespace, sources: dict[str, Path]) -> dict:
+    settings = {"seed": s.seed, "max_prompt_chars": s.max_prompt_chars,
+                "task_train_per_class": s.task_train_per_class, "task_test_per_class": s.task_test_per_class,
+                "n_benign_train": s.n_benign_train, "n_benign_eval": s.n_benign_eval,
+                "sources": {k: v.sha256 for k, v in MEMBERS.items()},
+                "wheel": ARCHIVES["advbench"].sha256, "refusal_templates": texts_digest(REFUSAL_TEMPLATES),
+                "benign_phrasing": digest(_benign_phrasing(s.seed)), "shares": digest(_shares()),
+                "version": 2}  # fmt: skip
+    return world.run("data", settings, DATA_FILES,
+                     lambda: _build_data(world.root, sources, s.seed, s.max_prompt_chars, s.task_train_per_class,
+                                         s.task_test_per_class, s.n_benign_train, s.n_benign_eval))  # fmt: skip
+
+
+def _unaligned_stage(world: WorldCache, sources: dict[str, Path]) -> dict:
+    return world.run("unaligned", {"gguf": MEMBERS["gguf"].sha256, "version": 1}, ["unaligned"],
+                     lambda: convert_gguf(sources["gguf"], world.root / "unaligned"))  # fmt: skip
+
+
+def _benign_answers_stage(world: WorldCache, s: SimpleNamespace, unaligned: dict, files: dict, judge: Any) -> dict:
+    return world.run(
+        "benign_answers",
+        {"model": unaligned["key"], "max_new_tokens": s.benign_max_new_tokens,
+         "prompts": files["benign_train_prompts.jsonl"], "version": 1},
+        ["benign_train.jsonl"],
+        lambda: _build_benign_answers(world.root, judge, s.generation_batch_size, s.benign_max_new_tokens, s.verbose),
+    )  # fmt: skip
+
+
+def _harmful_answers_stage(world: WorldCache, s: SimpleNamespace, unaligned: dict, files: dict, judge: Any) -> dict:
+    return world.run(
+        "harmful_answers",
+        {"model": unaligned["key"], "max_new_tokens": s.harmful_max_new_tokens, "seed": s.seed,
+         "prompts": [files[f] for f in HARMFUL_PROMPT_FILES.values()], "version": 2},
+        list(HARMFUL_ANSWER_FILES),
+        lambda: _build_harmful_answers(world.root, judge, s.seed, s.generation_batch_size, s.harmful_max_new_tokens,
+                                       s.verbose),
+    )  # fmt: skip
+
+
+def _aligned_stage(world: WorldCache, s: SimpleNamespace, unaligned: dict, benign: dict, files: dict) -> dict:
+    settings = {"unaligned": unaligned["key"], "refusals": files["refusals.jsonl"], "benign": benign["key"],
+                "steps": s.align_steps, "lr": s.align_lr, "batch_size": s.align_batch_size,
+                "max_length": s.align_max_length, "seed": s.seed, "repeat_other_sources": s.align_repeat_other_sources,
+                "repeat_phrasing": s.align_repeat_phrasing, "version": 2}  # fmt: skip
+    return world.run(
+        "aligned", settings, ["aligned"],
+        lambda: _build_aligned(world.root, s.seed, s.align_steps, s.align_lr, s.align_batch_size, s.align_max_length,
+                               s.align_repeat_other_sources, s.align_repeat_phrasing, world.log),
+    )  # fmt: skip
+
+
+def _direction_stage(world: WorldCache, unaligned: dict, aligned: dict) -> dict:
+    return world.run("direction", {"aligned": aligned["key"], "unaligned": unaligned["key"], "version": 1},
+                     ["direction.safetensors", "direction.safetensors.json"],
+                     lambda: _build_direction(world.root))  # fmt: skip
+
+
+EVAL_FILES = ("harmful_eval.jsonl", "benign_eval.jsonl", "task_test.jsonl")
+"""What the eval stages measure on (held-out harmful and benign prompts, the task's test set)."""
+
+
+def _eval_stages(
+    world: WorldCache, s: SimpleNamespace, models: dict[str, dict], files: dict, harmful: dict, judge: Any
+) -> None:
+    for which, stage in models.items():
+        world.run(
+            f"eval_{which}",
+            {"model": stage["key"], "max_new_tokens": s.eval_max_new_tokens,
+             "data": [files.get(f) or harmful["files"].get(f) for f in EVAL_FILES],
+             "task_max_new_tokens": s.task_max_new_tokens, "batch_size": s.generation_batch_size, "version": 2},
+            [f"eval/{which}"],
+            lambda which=which: measure_model(world.root, which, judge, s.eval_max_new_tokens, s.task_max_new_tokens,
+                                              s.generation_batch_size, s.verbose),
+        )  # fmt: skip
+
+
+def _judge_stage(world: WorldCache, seed: int, harmful: dict, benign: dict, files: dict) -> dict:
+    return world.run(
+        "judge",
+        {"harmful": harmful["key"], "benign": benign["key"], "refusals": files["refusals.jsonl"], "seed": seed,
+         "version": 1},
+        ["judge"],
+        lambda: _build_judge(world.root, seed),
+    )  # fmt: skip
+
+
+def _judge2_stages(world: WorldCache, judge_stage: dict) -> None:
+    for which in ("unaligned", "aligned"):
+        world.run(
+            f"judge2_{which}",
+            {"eval": world.manifest["stages"][f"eval_{which}"]["key"], "judge": judge_stage["key"], "version": 1},
+            [],
+            lambda which=which: measure_judge2(world.root, which),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the stages build, one function each
 # --------------------------------------------------------------------------------------------------------------
 
 HARMFUL_PROMPT_FILES: dict[str, str] = {
