@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -342,6 +344,90 @@ def _task_samples(
     return _pick(load_samples(task_data, "task_data", prompt, response, extra), limit, sample_seed, "task")
 
 
+@dataclass
+class _Setup:
+    """What both commands measure with, loaded after every input has been checked."""
+
+    directions: DirectionSet
+    pairs: list
+    """The margin rows (a seeded sample of --limit rows of --harmful_data)."""
+    hs_prompts: list[str]
+    benign: list[str]
+    task_samples: list
+    labels: list[str] | None
+    judge: Any
+    probes: B.Probes
+    lm: torch.nn.Module
+
+
+def _setup(
+    a: SimpleNamespace, model_dir: str, gguf: str | None, *, hs: bool, benign: bool, task: bool,
+    task_generation: bool, seed: int, hs_limit: int | None = None, task_mode: str = "label",
+    labels: list[str] | None = None, task_max_new_tokens: int = 8,
+) -> _Setup:
+    """Check and read the inputs shared by ``curves`` and ``attribute`` (``a``: the command's arguments), then load.
+
+    Before any model is loaded: the direction file, the probe rows (each file a seeded sample, ``--sample_seed``),
+    the judge's path, the direction and the adapter against the model's modules and shapes (on the meta device).
+    Then the tokenizer, the judge, the tokenised probes and the model.
+
+    Args:
+        hs: Measure HS: harmful prompts to answer, and --judge checked and loaded.
+        benign: Read --benign_data (when given) for the benign refusal rate.
+        task: Read --task_data (when given).
+        task_generation: Task examples are answered (FA, with labels defaulting to the file's answers); else scored
+            by teacher-forced loss.
+        seed: Torch seed set before the tokenizer and model load.
+        hs_limit: The HS prompts are a sample of this many rows of --harmful_data; None: the margin rows'.
+    """
+    from asft_lightning.adapter_check import check_adapter
+    from asft_lightning.data import _load_tokenizer, load_prompts
+    from asft_lightning.margin import load_margin_pairs
+    from asft_lightning.metrics import judge_kind, load_judge
+
+    directions = load_direction(a.direction)
+    every_pair = load_margin_pairs(a.harmful_data, "harmful_data", a.prompt_column, a.refusal_column,
+                                   a.compliance_column)  # fmt: skip
+    pairs = _pick(every_pair, a.limit, a.sample_seed, "harmful")
+    hs_rows = pairs if hs_limit is None else _pick(every_pair, hs_limit, a.sample_seed, "harmful")
+    hs_prompts = [p.prompt for p in hs_rows] if hs else []
+    benign_prompts = (
+        _pick(load_prompts(a.benign_data, "benign_data", a.benign_prompt_column, "benign_prompt_column"),
+              a.benign_limit, a.sample_seed, "benign")
+        if a.benign_data and benign
+        else []
+    )  # fmt: skip
+    columns = (a.task_prompt_column, a.task_input_column, a.task_response_column)
+    task_samples = _task_samples(a.task_data, a.task_limit, columns, a.sample_seed) if task else []
+    if task_generation and task_samples and task_mode == "label" and labels is None:
+        labels = _labels(a.task_data, a.task_response_column)
+    if hs:
+        judge_kind(a.judge)
+    meta, fingerprint = _meta_model(model_dir, gguf, a.model)
+    _check_direction(directions, _linear_shapes(meta), fingerprint, a.model, a.rank)
+    if a.adapter is not None:
+        check_adapter(a.adapter, meta, a.model)
+    del meta
+
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(seed)
+    tokenizer = _load_tokenizer(model_dir, gguf)
+    judge = (
+        load_judge(a.judge, case_sensitive=a.case_sensitive, batch_size=a.batch_size, device=a.device)
+        if hs
+        else None
+    )
+    probes = _probes(
+        tokenizer, pairs, batch_size=a.batch_size, max_length=a.max_length, template=a.template,
+        system_prompt=a.system_prompt, hs_prompts=hs_prompts, benign=benign_prompts, task_samples=task_samples,
+        task_loss=not task_generation, task_generation=task_generation, labels=labels, task_mode=task_mode,
+        judge=judge, max_new_tokens=a.max_new_tokens, task_max_new_tokens=task_max_new_tokens,
+    )  # fmt: skip
+    lm = _load_model(model_dir, gguf, a.model, a.dtype, a.device)
+    return _Setup(directions, pairs, hs_prompts, benign_prompts, task_samples, labels, judge, probes, lm)
+
+
 def _sha(path: str | None) -> str | None:
     return sha256_file(path) if path and Path(path).is_file() else None
 
@@ -474,10 +560,7 @@ def curves(
         threads: Torch CPU threads (default: torch's choice).
         progress: Show a progress bar.
     """
-    from asft_lightning.data import _load_tokenizer, load_prompts
-    from asft_lightning.margin import load_margin_pairs
-    from asft_lightning.metrics import judge_kind, load_judge
-
+    a = SimpleNamespace(**locals())  # the arguments, for the checks and loading both commands share
     clock = time.perf_counter()
     problems: list[str] = []
     _positive(problems, draws=draws, rank=rank, limit=limit, hs_draws=hs_draws, hs_limit=hs_limit,
@@ -498,44 +581,10 @@ def curves(
         raise ArgumentError(f"--hs_steps {sorted(set(hs_grid) - set(grid))} are not on the grid --steps {grid}")
     model_dir, gguf = _model_paths(model, gguf_file)
     out = _check_output(output_dir, {"model": model_dir, "adapter": adapter})
-    directions = load_direction(direction)
-    every_pair = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column)
-    pairs = _pick(every_pair, limit, sample_seed, "harmful")
-    hs_prompts = [p.prompt for p in _pick(every_pair, hs_limit, sample_seed, "harmful")] if hs_grid else []
-    benign = (
-        _pick(load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column"), benign_limit,
-              sample_seed, "benign")
-        if benign_data
-        else []
-    )  # fmt: skip
-    task_samples = _task_samples(
-        task_data, task_limit, (task_prompt_column, task_input_column, task_response_column), sample_seed
-    )
-    if hs_grid:
-        judge_kind(judge)
-    meta, fingerprint = _meta_model(model_dir, gguf, model)
-    _check_direction(directions, _linear_shapes(meta), fingerprint, model, rank)
-    if adapter is not None:
-        from asft_lightning.evaluate import check_adapter
-
-        check_adapter(adapter, meta, model)
-    del meta
-
-    # ------------------------------------------------------------------ load, tokenise once
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    tokenizer = _load_tokenizer(model_dir, gguf)
-    judge_obj = (
-        load_judge(judge, case_sensitive=case_sensitive, batch_size=batch_size, device=device) if hs_grid else None
-    )
-    probes = _probes(
-        tokenizer, pairs, batch_size=batch_size, max_length=max_length, template=template,
-        system_prompt=system_prompt, hs_prompts=hs_prompts, benign=benign, task_samples=task_samples,
-        task_loss=True, task_generation=False, labels=None, task_mode="label", judge=judge_obj,
-        max_new_tokens=max_new_tokens, task_max_new_tokens=8,
-    )  # fmt: skip
-    lm = _load_model(model_dir, gguf, model, dtype, device)
+    setup = _setup(a, model_dir, gguf, hs=bool(hs_grid), benign=True, task=True, task_generation=False, seed=seed,
+                   hs_limit=hs_limit)  # fmt: skip
+    directions, pairs, probes, lm, judge_obj = setup.directions, setup.pairs, setup.probes, setup.lm, setup.judge
+    hs_prompts, benign, task_samples = setup.hs_prompts, setup.benign, setup.task_samples
     if adapter is not None:
         from peft import PeftModel
 
@@ -717,10 +766,7 @@ def attribute(
         threads: Torch CPU threads.
         progress: Show a progress bar.
     """
-    from asft_lightning.data import _load_tokenizer, load_prompts
-    from asft_lightning.margin import load_margin_pairs
-    from asft_lightning.metrics import judge_kind, load_judge
-
+    a = SimpleNamespace(**locals())  # the arguments, for the checks and loading both commands share
     clock = time.perf_counter()
     problems: list[str] = []
     _positive(problems, rank=rank, limit=limit, task_limit=task_limit, benign_limit=benign_limit,
@@ -736,42 +782,10 @@ def attribute(
     if fine_tuned is not None and not Path(fine_tuned).expanduser().exists():
         raise InputNotFoundError(f"--fine_tuned {fine_tuned!r}: no such directory")
     out = _check_output(output_dir, {"model": model_dir, "adapter": adapter, "fine_tuned": fine_tuned})
-    directions = load_direction(direction)
-    every_pair = load_margin_pairs(harmful_data, "harmful_data", prompt_column, refusal_column, compliance_column)
-    pairs = _pick(every_pair, limit, sample_seed, "harmful")
-    hs_prompts = [p.prompt for p in pairs] if generate else []
-    benign = (
-        _pick(load_prompts(benign_data, "benign_data", benign_prompt_column, "benign_prompt_column"), benign_limit,
-              sample_seed, "benign")
-        if benign_data and generate
-        else []
-    )  # fmt: skip
-    columns = (task_prompt_column, task_input_column, task_response_column)
-    task_samples = _task_samples(task_data, task_limit, columns, sample_seed) if generate else []
-    if task_samples and task_mode == "label" and labels is None:
-        labels = _labels(task_data, task_response_column)
-    if generate:
-        judge_kind(judge)
-    meta, fingerprint = _meta_model(model_dir, gguf, model)
-    _check_direction(directions, _linear_shapes(meta), fingerprint, model, rank)
-    if adapter is not None:
-        from asft_lightning.evaluate import check_adapter
-
-        check_adapter(adapter, meta, model)
-    del meta
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    tokenizer = _load_tokenizer(model_dir, gguf)
-    judge_obj = load_judge(judge, case_sensitive=case_sensitive, batch_size=batch_size, device=device) if generate else None
-    probes = _probes(
-        tokenizer, pairs, batch_size=batch_size, max_length=max_length, template=template,
-        system_prompt=system_prompt, hs_prompts=hs_prompts, benign=benign, task_samples=task_samples,
-        task_loss=False, task_generation=True, labels=labels, task_mode=task_mode, judge=judge_obj,
-        max_new_tokens=max_new_tokens, task_max_new_tokens=task_max_new_tokens,
-    )  # fmt: skip
-    lm = _load_model(model_dir, gguf, model, dtype, device)
+    setup = _setup(a, model_dir, gguf, hs=generate, benign=generate, task=generate, task_generation=True, seed=0,
+                   task_mode=task_mode, labels=labels, task_max_new_tokens=task_max_new_tokens)  # fmt: skip
+    directions, pairs, probes, lm, judge_obj = setup.directions, setup.pairs, setup.probes, setup.lm, setup.judge
+    hs_prompts, benign, task_samples, labels = setup.hs_prompts, setup.benign, setup.task_samples, setup.labels
     if adapter is not None:
         lm, deltas, notes = _lora_updates(lm, adapter)
         unknown = [n for n in deltas if n not in dict(lm.named_modules())]
