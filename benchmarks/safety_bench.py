@@ -9,7 +9,25 @@ i.e. ``~/.cache/asft-lightning/world`` unless ``$ASFT_CACHE_DIR`` / ``$XDG_CACHE
         --out_md benchmarks/results/safety_sweep_safelora.md --out_json benchmarks/results/safety_sweep_safelora.json
 
 Every method goes through the user-facing code paths: ``asft fit`` (LightningCLI, in-process), ``asft safelora``,
-``asft restore`` and ``asft evaluate``. Each row is evaluated on the world's whole instrument: HS on every held-out
+``asft resta``, ``asft safemerge``, ``asft direction``, ``asft restore`` and ``asft evaluate``.
+
+Methods run only when named in ``--methods`` (:data:`OPT_IN`; the default run is unchanged):
+
+* ``asft_normalized``, ``asft_components``: issue 13's candidate anchors (see :data:`METHODS`).
+* ``asft_harm``: the harmful-reference anchor. A short LoRA fine-tune of the aligned model on the restoration
+  split's pairs only (``harmful_restore.jsonl``; never the attack or evaluation files; seed 0, so built once), then
+  ``asft direction --reference harmful --projector subspace --rank --harm_rank`` on that adapter, then ``asft fit
+  --model.anchor harm_subspace --model.lam --lam_harm``; the row's ``extra.harm_reference`` names the split.
+* ``sft_restore_curvature_attack``: curvature restoration with the attack's own pairs (``harmful_attack.jsonl``), the
+  optimistic bound (a defender rarely has the attacker's data); every other restoration row restores with the
+  restoration split (``harmful_restore.jsonl``, disjoint from the attack's).
+* ``sft_restore_lbfgs``: curvature restoration with the L-BFGS solver (the CG row is ``sft_restore_curvature``);
+  seconds = the restoration alone.
+* ``resta``: RESTA, the SFT adapter plus ``--resta_gamma * V`` (the world's alignment direction) on every module,
+  written as an adapter (V factored exactly unless ``--resta_v_rank``); seconds = the edit alone.
+* ``safemerge``: SafeMERGE on the SFT adapter, merging the modules Safe LoRA's cosine test flags with a safety
+  adapter: a LoRA fine-tune of the aligned model on the world's alignment refusals (``refusals.jsonl``), seed 0 and
+  cached; seconds = the merge alone. Each row is evaluated on the world's whole instrument: HS on every held-out
 harmful prompt (``harmful_eval.jsonl``, several sources) under every judge (keyword, and the world's second judge in
 ``judge/`` when it exists), the refusal margin on the same prompts (teacher-forced, see ``asft_lightning.margin``),
 FA on every task test example, and the refusal rate on every held-out benign prompt.
@@ -25,9 +43,11 @@ issue 10, rates in percent), rewritten atomically after every finished row, so a
 
 Caching (``--workdir``, default ``asft_lightning.paths.cache_root() / "safety-bench"``): every fine-tune is keyed by
 exactly the settings and input files (SHA-256) it uses (SFT does not depend on lambda or the direction; an AsFT form
-on its own lambda and direction), derived direction files by the digest of the file they come from, every evaluation
-by the adapter's digest and the evaluation settings, every finished row by both. A run killed at any point resumes
-where it stopped.
+on its own lambda and direction; a reference fine-tune on its own data file, size and epochs), derived direction
+files by the digest of the file they come from, restorations by the source adapter, the harmful split and every
+restoration setting (solver included), RESTA / SafeMERGE outputs by their input adapters, the direction and their
+settings, every evaluation by the adapter's digest and the evaluation settings, every finished row by both. A run
+killed at any point resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -55,6 +75,11 @@ METHODS = {
     "aligned": "aligned model, no fine-tuning",
     "sft": "plain LoRA SFT (lam = 0)",
     "safelora": "Safe LoRA on the SFT adapter (10 lowest-cosine modules projected)",
+    "resta": "RESTA (asft resta, post hoc): the SFT adapter plus gamma * V, the world's alignment direction, on every "
+    "module (--resta_gamma, RESTA's own default 1; adapter output, V factored exactly unless --resta_v_rank)",
+    "safemerge": "SafeMERGE (asft safemerge, post hoc): modules Safe LoRA's cosine test flags "
+    "(< --safemerge_threshold) become 0.8 SFT update + 0.2 safety-adapter update; the safety adapter is a LoRA of "
+    "the aligned model on the world's alignment refusals (refusals.jsonl), seed-free and cached",
     "asft_safelora": "AsFT, published projector C = V V^T / ||V||_F",
     "asft_subspace": "AsFT, exact subspace projector (top-k left singular vectors of V)",
     "asft_rotated": "control: AsFT with the published projector built from a randomly rotated V (Q1 V Q2: same "
@@ -63,13 +88,26 @@ METHODS = {
     "asft_normalized": "AsFT, published C divided by its top eigenvalue (V V^T / sigma_1^2; model.anchor normalized)",
     "asft_components": "AsFT, exact subspace projector + per-component sign term sum_i relu(-u_i^T B A v_i)^2 "
     "(model.component_weight)",
-    "sft_restore_curvature": "SFT + restoration, curvature (CG on task HVPs)",
-    "sft_restore_first_order": "SFT + restoration, first-order baseline",
-    "asft_restore": "AsFT (published projector) + restoration, curvature",
+    "asft_harm": "AsFT, harmful-reference anchor (model.anchor harm_subspace, --lam_harm): ||U_k U_k^T B A||^2 with "
+    "U_k the top --harm_rank left singular vectors of aligned minus a short harmful LoRA fine-tune of it on the "
+    "world's restoration pairs (harmful_restore.jsonl; never the attack or evaluation data), seed-free and cached",
+    "sft_restore_curvature": "SFT + restoration, curvature (--solver, CG by default, on task HVPs), restoring with the "
+    "restoration split (harmful_restore.jsonl, disjoint from the attack's pairs)",
+    "sft_restore_curvature_attack": "SFT + restoration, curvature, restoring with the attack's own pairs "
+    "(harmful_attack.jsonl): optimistic bound, a defender rarely has the attacker's data",
+    "sft_restore_lbfgs": "SFT + restoration, curvature with the L-BFGS solver, restoration split "
+    "(harmful_restore.jsonl); seconds = the restoration alone, to set against the CG row's",
+    "sft_restore_first_order": "SFT + restoration, first-order baseline, restoration split (harmful_restore.jsonl)",
+    "asft_restore": "AsFT (published projector) + restoration, curvature, restoration split (harmful_restore.jsonl)",
 }
-RESTORING = ("sft_restore_curvature", "sft_restore_first_order", "asft_restore")
-CANDIDATES = ("asft_normalized", "asft_components")
+RESTORING = ("sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "sft_restore_first_order",
+             "asft_restore")
+CANDIDATES = ("asft_normalized", "asft_components", "asft_harm")
 """Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
+POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_restore_lbfgs")
+"""Issue 14's baselines and restoration variants: run only when named in ``--methods`` (the default run is
+unchanged)."""
+OPT_IN = CANDIDATES + POST_HOC_ROWS
 SEED_FREE = ("aligned",)
 """Methods whose result does not depend on the seed (evaluated once, paired with SFT of every seed)."""
 
@@ -84,6 +122,7 @@ WORLD_FILES = {
     "harmful_eval": "harmful_eval.jsonl",
     "benign_eval": "benign_eval.jsonl",
     "judge": "judge",
+    "refusals": "refusals.jsonl",
 }
 """World keys the benchmark reads, and their file names when ``world.json`` has no ``paths`` entry for them."""
 REQUIRED = ("aligned", "unaligned", "direction", "task_train", "task_test", "harmful_attack", "harmful_eval",
@@ -239,16 +278,28 @@ class Bench:
         return judges
 
     # ------------------------------------------------------------------------------------------ keys
-    def fit_settings(self, seed: int) -> dict[str, Any]:
-        """What every fine-tune depends on: data files (by digest), base model, training settings and the seed."""
+    def fit_settings(self, seed: int, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What every fine-tune depends on: data files (by digest), base model, training settings and the seed.
+
+        ``data`` (see :meth:`fit`) replaces the harmful file (``harmful``: a world key, its digest then stored under
+        that key instead of ``harmful_attack``), ``n``, ``p`` or ``epochs``; without it the settings (and so every
+        existing cache key) are exactly those of the attack fine-tunes.
+        """
         a = self.args
-        return {
+        settings = {
             "aligned": digest(self.paths["aligned"]),
             "task_train": digest(self.paths["task_train"]),
             "harmful_attack": digest(self.paths["harmful_attack"]),
             "n": a.n, "p": a.p, "epochs": a.epochs, "lr": a.lr, "batch_size": a.batch_size,
             "max_length": a.max_length, "seed": seed,
         }  # fmt: skip
+        if data:
+            harmful = data.get("harmful", "harmful_attack")
+            if harmful != "harmful_attack":
+                del settings["harmful_attack"]
+                settings[harmful] = digest(self.paths[harmful])
+            settings.update({k: data[k] for k in ("n", "p", "epochs") if k in data})
+        return settings
 
     def eval_settings(self) -> dict[str, Any]:
         """What every evaluation depends on besides the model: files (by digest), judges, counts, generation."""
@@ -264,14 +315,46 @@ class Bench:
             "margin": not a.no_margin, "margin_answer_tokens": a.margin_answer_tokens or None, "version": 2,
         }  # fmt: skip
 
-    def restore_settings(self) -> dict[str, Any]:
+    def restore_settings(self, harmful: str = "harmful_restore", solver: str | None = None) -> dict[str, Any]:
+        """What a restoration depends on besides its source adapter. ``harmful``: the world key of the harmful pairs
+        it restores with (another split than ``harmful_restore`` is named in the settings); ``solver``: overrides
+        ``--solver``. The defaults give exactly the settings of the default restoration rows."""
         a = self.args
-        return {
-            "harmful": digest(self.paths["harmful_restore"]), "retain": digest(self.paths["task_train"]),
+        settings = {
+            "harmful": digest(self.paths[harmful]), "retain": digest(self.paths["task_train"]),
             "num_harmful": a.restore_harmful, "num_retain": a.restore_retain, "steps": a.restore_steps,
             "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
-            "solver": a.solver, "target_margin": a.target_margin,
+            "solver": solver or a.solver, "target_margin": a.target_margin,
         }  # fmt: skip
+        if harmful != "harmful_restore":
+            settings["harmful_split"] = harmful
+        return settings
+
+    def restore_plan(self, method: str, seed: int) -> dict[str, Any]:
+        """A restoration row's source adapter, harmful split, solver, kind and output folder (keyed by the source
+        adapter's digest, :meth:`restore_settings` and the method)."""
+        a = self.args
+        harmful = "harmful_attack" if method == "sft_restore_curvature_attack" else "harmful_restore"
+        solver = "lbfgs" if method == "sft_restore_lbfgs" else a.solver
+        src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
+        key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(harmful, solver), method])
+        return {"src": src, "harmful": harmful, "solver": solver,
+                "output": self.work / "runs" / f"{method}-seed{seed}-{key}",
+                "kind": "first_order" if method.endswith("first_order") else "curvature"}
+
+    def split_label(self, key: str) -> str:
+        """The world file a harmful split was read from, flagged when an older world's restoration pairs fell back
+        to the attack pairs."""
+        name = Path(self.paths[key]).name
+        if key == "harmful_restore" and self.paths["harmful_restore"] == self.paths["harmful_attack"]:
+            return f"{name} (no harmful_restore.jsonl in this world: the attack pairs)"
+        return name
+
+    def _rows(self, key: str) -> int:
+        path = Path(self.paths[key])
+        if not path.is_file():
+            raise FileNotFoundError(f"--world {self.args.world!r}: no {path.name} ({path}, world key {key})")
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
 
     # ------------------------------------------------------------------------------------------ pieces
     def subspace_direction(self) -> str:
@@ -308,12 +391,85 @@ class Bench:
             rotate_direction(full, path, seed=seed)
         return str(path)
 
+    def harm_reference(self) -> tuple[Path, dict[str, Any]]:
+        """Issue 13's harmful reference: a short LoRA fine-tune of the aligned model on the restoration split's pairs
+        only (``harmful_restore.jsonl``, ``--data.harmful_ratio 1``, lam 0), seed 0 whatever the row's seed, so it is
+        built once; cached like every fit (the restoration file's digest, ``--harm_n``, ``--harm_epochs``, ...).
+
+        Raises:
+            FileNotFoundError: the world has no restoration split (the attack pairs must not build the reference).
+        """
+        a = self.args
+        if self.paths["harmful_restore"] == self.paths["harmful_attack"]:
+            raise FileNotFoundError(
+                f"asft_harm: --world {a.world!r} has no restoration split (harmful_restore.jsonl) apart from the "
+                f"attack pairs ({self.paths['harmful_attack']}); the harmful reference must not be built from the "
+                "attack's data. Rebuild the world with `asft prepare-demo`"
+            )
+        n = min(a.harm_n, self._rows("harmful_restore"))
+        data = {"harmful": "harmful_restore", "n": n, "p": 1.0, "epochs": a.harm_epochs}
+        adapter, seconds = self.fit("harm_reference", 0, 0.0, self.paths["direction"], data=data)
+        return adapter, {"split": "harmful_restore", "file": self.split_label("harmful_restore"), "pairs": n,
+                         "epochs": a.harm_epochs, "seed": 0, "fit_seconds": seconds}
+
+    def harm_direction(self) -> tuple[str, dict[str, Any]]:
+        """``asft direction --reference harmful --projector subspace --rank --harm_rank`` on :meth:`harm_reference`'s
+        adapter; keyed by the aligned model's and the adapter's digests and the rank."""
+        from asft_lightning.direction import extract_direction
+
+        adapter, info = self.harm_reference()
+        key = _key([digest(self.paths["aligned"]), digest(adapter / "adapter_model.safetensors"), self.args.harm_rank,
+                    "harmful"])
+        path = self.work / "directions" / f"harm_subspace_k{self.args.harm_rank}-{key}.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            extract_direction(self.paths["aligned"], str(adapter), str(path), projector="subspace",
+                              rank=self.args.harm_rank, reference="harmful", hash_inputs=False)
+        return str(path), {**info, "rank": self.args.harm_rank, "direction": path.name}
+
+    def safety_reference(self) -> tuple[Path, dict[str, Any]]:
+        """SafeMERGE's safety adapter: a LoRA fine-tune of the aligned model on the world's alignment refusals only
+        (``refusals.jsonl``: alignment-split harmful prompts with refusals, ``--data.harmful_ratio 1``, lam 0), seed
+        0, cached by the refusals' digest, ``--safety_n``, ``--safety_epochs`` and the training settings."""
+        a = self.args
+        n = min(a.safety_n, self._rows("refusals"))
+        data = {"harmful": "refusals", "n": n, "p": 1.0, "epochs": a.safety_epochs}
+        adapter, seconds = self.fit("safety_reference", 0, 0.0, self.paths["direction"], data=data)
+        return adapter, {"file": Path(self.paths["refusals"]).name, "pairs": n, "epochs": a.safety_epochs, "seed": 0,
+                         "fit_seconds": seconds}
+
+    def resta_output(self, sft: Path, seed: int) -> Path:
+        """RESTA's output folder: keyed by the SFT adapter's and the direction's digests, gamma and the V rank."""
+        a = self.args
+        key = _key([digest(sft / "adapter_model.safetensors"), digest(self.paths["direction"]), a.resta_gamma,
+                    a.resta_v_rank or None])
+        return self.work / "runs" / f"resta-seed{seed}-{key}"
+
+    def safemerge_settings(self) -> dict[str, Any]:
+        a = self.args
+        return {"threshold": a.safemerge_threshold, "finetuned_weight": a.safemerge_finetuned_weight,
+                "safety_weight": a.safemerge_safety_weight, "selection": a.safemerge_selection,
+                "combination": "updates"}
+
+    def safemerge_output(self, sft: Path, safety: Path, seed: int) -> Path:
+        """SafeMERGE's output folder: keyed by both adapters' and the direction's digests and its settings."""
+        key = _key([digest(sft / "adapter_model.safetensors"), digest(safety / "adapter_model.safetensors"),
+                    digest(self.paths["direction"]), self.safemerge_settings()])
+        return self.work / "runs" / f"safemerge-seed{seed}-{key}"
+
     def fit(self, name: str, seed: int, lam: float, direction: str, extra: Sequence[str] = (),
-            uses: dict[str, Any] | None = None) -> tuple[Path, float]:
-        """One ``asft fit`` run, cached by :meth:`fit_settings` plus what this form uses (``uses``)."""
+            uses: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> tuple[Path, float]:
+        """One ``asft fit`` run, cached by :meth:`fit_settings` plus what this form uses (``uses``).
+
+        ``data`` changes the training data of a reference fine-tune: ``harmful`` (a world key instead of
+        ``harmful_attack``), ``n``, ``p`` (``--data.harmful_ratio``; 1.0: harmful pairs only) and ``epochs``; all of
+        them go into the key through :meth:`fit_settings`.
+        """
         from asft_lightning.cli import lightning_cli
 
-        out = self.work / "runs" / f"{name}-seed{seed}-{_key([self.fit_settings(seed), lam, list(extra), uses])}"
+        settings = self.fit_settings(seed, data)
+        data = data or {}
+        out = self.work / "runs" / f"{name}-seed{seed}-{_key([settings, lam, list(extra), uses])}"
         adapter = out / "adapter"
         timing = out / "train_seconds.json"
         if (adapter / "adapter_model.safetensors").is_file() and timing.is_file():
@@ -328,15 +484,15 @@ class Bench:
             f"--model.learning_rate={a.lr}",
             f"--model.adapter_output={adapter}",
             f"--data.task_data={self.paths['task_train']}",
-            f"--data.harmful_data={self.paths['harmful_attack']}",
-            f"--data.n={a.n}",
-            f"--data.harmful_ratio={a.p}",
+            f"--data.harmful_data={self.paths[data.get('harmful', 'harmful_attack')]}",
+            f"--data.n={data.get('n', a.n)}",
+            f"--data.harmful_ratio={data.get('p', a.p)}",
             "--data.val_size=32",
             f"--data.max_length={a.max_length}",
             f"--data.batch_size={a.batch_size}",
             f"--data.seed={seed}",
             f"--seed_everything={seed}",
-            f"--trainer.max_epochs={a.epochs}",
+            f"--trainer.max_epochs={data.get('epochs', a.epochs)}",
             f"--trainer.default_root_dir={out}",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
@@ -357,6 +513,15 @@ class Bench:
     def asft(self, seed: int) -> tuple[Path, float]:
         full = self.paths["direction"]
         return self.fit("asft_safelora", seed, self.args.lam_safelora, full, uses={"direction": digest(full)})
+
+    def asft_harm(self, seed: int) -> tuple[Path, float, dict[str, Any]]:
+        """The harmful-reference anchor's fit (``model.anchor harm_subspace``, ``--lam_harm``) on
+        :meth:`harm_direction`'s file, keyed by that file's digest; returns the adapter, its training seconds (the
+        seed-free reference fine-tune and extraction are not counted) and what built the reference."""
+        harm, info = self.harm_direction()
+        adapter, seconds = self.fit("asft_harm", seed, self.args.lam_harm, harm, ["--model.anchor=harm_subspace"],
+                                    uses={"direction": digest(harm)})
+        return adapter, seconds, info
 
     def evaluate(self, adapter: Path | None) -> dict[str, Any]:
         """The whole instrument for one model (cached by the adapter's digest and :meth:`eval_settings`)."""
@@ -391,8 +556,10 @@ class Bench:
         """One (method, seed) row: train or project or restore, then evaluate; cached as one JSON file."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+        from asft_lightning.resta import resta
         from asft_lightning.restore_command import restore_adapter
         from asft_lightning.safelora import safelora
+        from asft_lightning.safemerge import safemerge
 
         a = self.args
         full = self.paths["direction"]
@@ -415,6 +582,34 @@ class Bench:
                                   selection=a.safelora_selection, overwrite=True)
             seconds = round(time.perf_counter() - t0, 1)
             extra["projected"] = sum(r["projected"] for r in report["modules"].values())
+        elif method == "resta":
+            sft, _ = self.sft(seed)
+            adapter = self.resta_output(sft, seed)
+            t0 = time.perf_counter()  # the edit alone; SFT is its own row
+            report_file = adapter / "resta_report.json"
+            if report_file.is_file() and (adapter / "adapter_model.safetensors").is_file():
+                report = json.loads(report_file.read_text())
+            else:
+                report = resta(direction=full, output=str(adapter), adapter=str(sft), gamma=a.resta_gamma,
+                               output_format="adapter", v_rank=a.resta_v_rank or None, overwrite=True)
+            seconds = round(time.perf_counter() - t0, 1)
+            extra.update(resta_gamma=report["settings"]["gamma"], resta_v_rank=report["settings"]["v_rank"],
+                         resta_rank=report["rank"], resta_modules=report["num_with_direction"],
+                         direction_reference=report["direction_reference"])
+        elif method == "safemerge":
+            sft, _ = self.sft(seed)
+            safety, info = self.safety_reference()
+            adapter = self.safemerge_output(sft, safety, seed)
+            settings = self.safemerge_settings()
+            t0 = time.perf_counter()  # the merge alone; SFT and the safety adapter are built apart
+            report_file = adapter / "safemerge_report.json"
+            if report_file.is_file() and (adapter / "adapter_model.safetensors").is_file():
+                report = json.loads(report_file.read_text())
+            else:
+                report = safemerge(adapter=str(sft), safety_adapter=str(safety), direction=full, output=str(adapter),
+                                   overwrite=True, **settings)
+            seconds = round(time.perf_counter() - t0, 1)
+            extra.update(merged=report["num_merged"], safemerge=settings, safety_adapter=info)
         elif method == "asft_safelora":
             adapter, seconds = self.asft(seed)
         elif method == "asft_subspace":
@@ -435,23 +630,23 @@ class Bench:
             adapter, seconds = self.fit("asft_components", seed, a.lam_subspace, comp,
                                         [f"--model.component_weight={a.component_weight}"],
                                         uses={"direction": digest(comp)})
+        elif method == "asft_harm":
+            adapter, seconds, extra["harm_reference"] = self.asft_harm(seed)  # which split built the reference
         else:  # restorations
-            src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
-            key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(), method])
-            adapter = self.work / "runs" / f"{method}-seed{seed}-{key}"
+            plan = self.restore_plan(method, seed)
+            src, adapter = plan["src"], plan["output"]
             report_file = adapter / "restoration_report.json"
             t0 = time.perf_counter()  # the restoration alone
             if report_file.is_file():
                 report = json.loads(report_file.read_text())
             else:
                 report = restore_adapter(
-                    model=self.paths["aligned"], adapter=str(src), harmful_data=self.paths["harmful_restore"],
+                    model=self.paths["aligned"], adapter=str(src), harmful_data=self.paths[plan["harmful"]],
                     retain_data=self.paths["task_train"], output=str(adapter), num_harmful=a.restore_harmful,
                     num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length,
-                    method="first_order" if method.endswith("first_order") else "curvature",
-                    max_steps=a.restore_steps, trust_region=a.trust_region, task_loss_budget=a.task_loss_budget,
-                    cg_max_iter=a.cg_max_iter, solver=a.solver, target_margin=a.target_margin, overwrite=True,
-                    progress=False,
+                    method=plan["kind"], max_steps=a.restore_steps, trust_region=a.trust_region,
+                    task_loss_budget=a.task_loss_budget, cg_max_iter=a.cg_max_iter, solver=plan["solver"],
+                    target_margin=a.target_margin, overwrite=True, progress=False,
                 )
             seconds = round(time.perf_counter() - t0, 1)
             res = report["result"]
@@ -460,6 +655,8 @@ class Bench:
                 harmful_loss=[res["initial_harmful_loss"], res["final_harmful_loss"]],
                 reference_harmful_loss=res["reference_harmful_loss"],
                 task_loss=[res["initial_task_loss"], res["final_task_loss"]],
+                restore_split=self.split_label(plan["harmful"]),
+                solver=plan["solver"] if plan["kind"] == "curvature" else None,
             )  # fmt: skip
         row_key = _key([method, seed, digest(adapter / "adapter_model.safetensors") if adapter else None,
                         self.eval_settings()])
@@ -728,9 +925,22 @@ def render_markdown(summary: dict[str, Any], header: Sequence[str] = ()) -> str:
                     f"- {r['method']} seed {seed}: {extra['stop_reason']}; harmful loss {extra['harmful_loss'][0]:.3f} -> "
                     f"{extra['harmful_loss'][1]:.3f} (reference {extra['reference_harmful_loss']:.3f}); task loss "
                     f"{extra['task_loss'][0]:.3f} -> {extra['task_loss'][1]:.3f}; {extra['restore_steps']} steps"
+                    + (f"; restored with {extra['restore_split']}" if extra.get("restore_split") else "")
+                    + (f", solver {extra['solver']}" if extra.get("solver") else "")
                 )
             if "projected" in extra:
                 notes.append(f"- {r['method']} seed {seed}: {extra['projected']} modules projected")
+            if "merged" in extra:
+                notes.append(f"- {r['method']} seed {seed}: {extra['merged']} modules merged with the safety adapter "
+                             f"({extra['safety_adapter']['file']}, {extra['safety_adapter']['pairs']} pairs)")
+            if "resta_gamma" in extra:
+                notes.append(f"- {r['method']} seed {seed}: gamma {extra['resta_gamma']} * V "
+                             f"({extra['direction_reference']} reference) added to {extra['resta_modules']} modules, "
+                             f"adapter rank {extra['resta_rank']}")
+            if "harm_reference" in extra:
+                h = extra["harm_reference"]
+                notes.append(f"- {r['method']} seed {seed}: harmful reference from {h['file']} ({h['pairs']} pairs, "
+                             f"{h['epochs']} epochs, seed {h['seed']}), subspace rank {h['rank']}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -796,8 +1006,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", default=str(default_world_dir()), help="world folder (asft prepare-demo)")
     p.add_argument("--workdir", default=str(cache_root() / "safety-bench"), help="cache of runs, evaluations, rows")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in CANDIDATES),
-                   help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in OPT_IN),
+                   help="comma-separated, from: " + ", ".join(METHODS) + "; the default leaves out "
+                   + ", ".join(OPT_IN) + " (run them by name)")
     p.add_argument("--seeds", default="42,1,2", help="comma-separated seeds (data draw and initialisation)")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--p", type=float, default=0.1)
@@ -811,6 +1022,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sign_weight", type=float, default=10.0)
     p.add_argument("--lam_normalized", type=float, default=1.0, help="lam of asft_normalized")
     p.add_argument("--component_weight", type=float, default=10.0, help="per-component sign weight of asft_components")
+    p.add_argument("--lam_harm", type=float, default=1.0, help="lam of asft_harm (model.anchor harm_subspace)")
+    p.add_argument("--harm_rank", type=int, default=8,
+                   help="asft_harm: rank k of the harmful-reference subspace (asft direction --reference harmful "
+                   "--projector subspace --rank k)")
+    p.add_argument("--harm_n", type=int, default=64,
+                   help="asft_harm: restoration pairs (harmful_restore.jsonl) in the harmful reference fine-tune (at "
+                   "most the file's rows)")
+    p.add_argument("--harm_epochs", type=int, default=2, help="asft_harm: epochs of the harmful reference fine-tune")
+    p.add_argument("--resta_gamma", type=float, default=1.0, help="resta: multiple of V added (RESTA's default 1)")
+    p.add_argument("--resta_v_rank", type=int, default=0,
+                   help="resta: factor V at this rank in the adapter (0: exact, rank min(d_out, d_in))")
+    p.add_argument("--safemerge_threshold", type=float, default=0.35,
+                   help="safemerge: merge modules whose Safe LoRA cosine is below this (the authors' 0.35)")
+    p.add_argument("--safemerge_finetuned_weight", type=float, default=0.8, help="safemerge: weight of the SFT update")
+    p.add_argument("--safemerge_safety_weight", type=float, default=0.2, help="safemerge: weight of the safety update")
+    p.add_argument("--safemerge_selection", choices=("published", "strict"), default="published",
+                   help="safemerge: module selection (asft safemerge --selection)")
+    p.add_argument("--safety_n", type=int, default=64,
+                   help="safemerge: refusal rows (refusals.jsonl) in the safety adapter's fine-tune (at most the "
+                   "file's)")
+    p.add_argument("--safety_epochs", type=int, default=2, help="safemerge: epochs of the safety adapter's fine-tune")
     p.add_argument("--judges", default=None, help="comma-separated judges; default: keyword + the world's judge/")
     p.add_argument("--harmful_eval", default=None, help="override the world's harmful_eval.jsonl")
     p.add_argument("--eval_harmful", type=int, default=None, help="first N harmful prompts (default: all)")

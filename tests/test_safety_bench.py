@@ -187,6 +187,134 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
     (world / "task_train.jsonl").write_text("other rows")
     assert folders(bench(), lambda b: b.sft(42)) != sft_a  # other training data
 
+    # Issue 13 / 14 methods. A fit writes an adapter whose content is its command line (so its digest follows every
+    # setting), and the extraction writes its arguments: every key below is computed as in a real run.
+    def pairs(tag, count=100):
+        return "".join(json.dumps({"prompt": f"{tag} {i}", "response": "r"}) + "\n" for i in range(count))
+
+    with pytest.raises(FileNotFoundError, match="no restoration split"):
+        bench().harm_reference()  # an older world restores on the attack pairs, which must not build the reference
+    with pytest.raises(FileNotFoundError, match="no refusals.jsonl"):
+        bench().safety_reference()
+    (world / "harmful_restore.jsonl").write_text(pairs("restore"))
+    (world / "refusals.jsonl").write_text(pairs("refusal"))
+
+    def fake_fit(argv):
+        calls.append(argv)
+        out = Path(_arg(argv, "--model.adapter_output"))
+        out.mkdir(parents=True, exist_ok=True)
+        where = ("--model.adapter_output=", "--trainer.default_root_dir=")  # the cache folder is no setting
+        (out / "adapter_model.safetensors").write_text("\n".join(a for a in argv if not a.startswith(where)))
+
+    extracted = []
+
+    def fake_extract(aligned, unaligned, output, **kw):
+        extracted.append(kw)
+        Path(output).write_text(json.dumps([(Path(unaligned) / "adapter_model.safetensors").read_text(), kw]))
+
+    monkeypatch.setattr("asft_lightning.cli.lightning_cli", fake_fit)
+    monkeypatch.setattr("asft_lightning.direction.extract_direction", fake_extract)
+    work = iter(range(1000))
+
+    def fresh(**over):  # a new cache each time: a cached fit would not call lightning_cli again
+        b = bench(**over)
+        b.work = tmp_path / f"cache{next(work)}"
+        return b
+
+    # (a) the harmful reference fine-tune: restoration pairs only, seed 0, never the attack file.
+    calls.clear()
+    harm = fresh().harm_reference()[0].parent.name
+    argv = calls[0]
+    assert _arg(argv, "--data.harmful_data") == str(world / "harmful_restore.jsonl")
+    assert _arg(argv, "--data.harmful_ratio") == "1.0" and _arg(argv, "--data.n") == "64"
+    assert _arg(argv, "--data.seed") == "0" and _arg(argv, "--model.lam") == "0.0"
+    assert not any("harmful_attack" in x for x in argv)
+    assert fresh(lam_safelora=50.0, p=0.5, n=10, lam_harm=9.0, harm_rank=2).harm_reference()[0].parent.name == harm
+    (world / "harmful_attack.jsonl").write_text("other attack pairs")
+    assert fresh().harm_reference()[0].parent.name == harm  # the attack file is not an input
+    assert fresh(harm_n=32).harm_reference()[0].parent.name != harm
+    assert fresh(harm_epochs=5).harm_reference()[0].parent.name != harm
+    assert fresh(lr=1e-3).harm_reference()[0].parent.name != harm
+    assert fresh(epochs=5).harm_reference()[0].parent.name == harm  # --harm_epochs replaces --epochs
+    calls.clear()
+    fresh(harm_n=10_000).harm_reference()
+    assert _arg(calls[0], "--data.n") == "100"  # at most the file's rows
+    (world / "harmful_restore.jsonl").write_text(pairs("other restore"))
+    assert fresh().harm_reference()[0].parent.name != harm
+    # (b) its direction: --reference harmful --projector subspace --rank --harm_rank, keyed by the adapter and rank.
+    b = fresh()
+    direction = b.harm_direction()[0]
+    assert extracted[-1] == {"projector": "subspace", "rank": 8, "reference": "harmful", "hash_inputs": False}
+    assert b.harm_direction()[0] == direction  # cached
+    b.args.harm_rank = 4
+    assert b.harm_direction()[0] != direction and extracted[-1]["rank"] == 4
+    assert fresh(harm_n=32).harm_direction()[0] != direction  # another reference adapter
+    (world / "harmful_restore.jsonl").write_text(pairs("third restore"))
+    assert fresh().harm_direction()[0] != direction
+    # (c) the anchored fit: its own lam and the harmful file's digest; SFT's settings otherwise.
+    b = fresh()
+    calls.clear()
+    harm_fit = b.asft_harm(42)[0].parent.name
+    assert "--model.anchor=harm_subspace" in calls[-1] and _arg(calls[-1], "--model.lam") == "1.0"
+    assert _arg(calls[-1], "--model.direction") == b.harm_direction()[0]
+    assert _arg(calls[-1], "--data.harmful_data") == str(world / "harmful_attack.jsonl")  # the attack, like SFT
+    assert b.asft_harm(42)[2]["split"] == "harmful_restore"
+    assert fresh(lam_harm=10.0).asft_harm(42)[0].parent.name != harm_fit
+    assert fresh(harm_rank=4).asft_harm(42)[0].parent.name != harm_fit
+    assert fresh().asft_harm(1)[0].parent.name != harm_fit
+    assert fresh(lam_safelora=50.0).asft_harm(42)[0].parent.name == harm_fit
+    # SafeMERGE's safety adapter: the alignment refusals only, seed 0.
+    calls.clear()
+    safety = fresh().safety_reference()[0].parent.name
+    assert _arg(calls[0], "--data.harmful_data") == str(world / "refusals.jsonl")
+    assert _arg(calls[0], "--data.harmful_ratio") == "1.0" and _arg(calls[0], "--data.seed") == "0"
+    assert fresh(lam_safelora=50.0, harm_n=3).safety_reference()[0].parent.name == safety
+    assert fresh(safety_n=32).safety_reference()[0].parent.name != safety
+    assert fresh(safety_epochs=5).safety_reference()[0].parent.name != safety
+    (world / "refusals.jsonl").write_text(pairs("other refusal"))
+    assert fresh().safety_reference()[0].parent.name != safety
+    # Restorations: the split (named in the key), the solver and every setting.
+    b = fresh()
+    plans = {m: b.restore_plan(m, 42) for m in ("sft_restore_curvature", "sft_restore_curvature_attack",
+                                                 "sft_restore_lbfgs", "sft_restore_first_order")}
+    assert [p["harmful"] for p in plans.values()] == ["harmful_restore", "harmful_attack", "harmful_restore",
+                                                      "harmful_restore"]
+    assert [p["solver"] for p in plans.values()] == ["cg", "cg", "lbfgs", "cg"]
+    assert len({p["output"] for p in plans.values()}) == 4
+    assert b.restore_settings("harmful_attack")["harmful_split"] == "harmful_attack"
+    assert "harmful_split" not in b.restore_settings()  # the default rows' keys are unchanged
+    assert b.restore_settings(solver="lbfgs")["solver"] == "lbfgs"
+    lbfgs = plans["sft_restore_lbfgs"]["output"]
+    assert fresh(cg_max_iter=3).restore_plan("sft_restore_lbfgs", 42)["output"] != lbfgs
+    curvature = plans["sft_restore_curvature"]["output"]
+    assert fresh(solver="lbfgs").restore_plan("sft_restore_curvature", 42)["output"] != curvature
+    (world / "harmful_attack.jsonl").write_text("the attack pairs, third version")
+    b = fresh()
+    attack = b.restore_plan("sft_restore_curvature_attack", 42)["output"]
+    assert attack != plans["sft_restore_curvature_attack"]["output"]
+    (world / "harmful_restore.jsonl").write_text(pairs("fourth restore"))
+    assert b.restore_plan("sft_restore_curvature_attack", 42)["output"] == attack  # the restoration split: not used
+    assert b.restore_plan("sft_restore_lbfgs", 42)["output"] != lbfgs
+    # RESTA and SafeMERGE: the SFT adapter, the direction, the safety adapter and each setting.
+    b = fresh()
+    sft, safe = b.sft(42)[0], b.safety_reference()[0]
+    resta, merge = b.resta_output(sft, 42).name, b.safemerge_output(sft, safe, 42).name
+    for over in ({"resta_gamma": 0.5}, {"resta_v_rank": 16}):
+        assert fresh(**over).resta_output(sft, 42).name != resta
+    for over in ({"safemerge_threshold": 0.5}, {"safemerge_finetuned_weight": 0.5}, {"safemerge_safety_weight": 0.5},
+                 {"safemerge_selection": "strict"}):
+        assert fresh(**over).safemerge_output(sft, safe, 42).name != merge
+    assert fresh(resta_gamma=9.0).safemerge_output(sft, safe, 42).name == merge
+    assert fresh(safemerge_threshold=0.9).resta_output(sft, 42).name == resta
+    assert b.resta_output(b.sft(1)[0], 1).name != resta
+    assert b.safemerge_output(sft, fresh(safety_n=8).safety_reference()[0], 42).name != merge
+    (world / "direction.safetensors").write_text("a third direction file")
+    assert b.resta_output(sft, 42).name != resta and b.safemerge_output(sft, safe, 42).name != merge
+
+
+def _arg(argv, flag):
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(flag + "="))
+
 
 def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tiny_direction, tmp_path):
     import torch
@@ -252,3 +380,72 @@ def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "## lam_safelora = 30" in (tmp_path / "res" / "sweep.md").read_text()
     with pytest.raises(SystemExit, match="use --seeds"):
         sb.main([*argv, "--sweep", "seed=1,2"])
+
+
+def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
+    """asft_harm, the attack-data and L-BFGS restorations, RESTA and SafeMERGE on the tiny world (one seed): finite
+    rows, the reference fine-tunes on the right files, extras that name the splits; a second run only reads caches."""
+    import math
+
+    import asft_lightning.cli
+    from asft_lightning.direction import load_direction
+    from asft_lightning.tiny import REFUSAL, build_tiny_demo_world
+
+    root = tmp_path / "world"
+    build_tiny_demo_world(root)
+    harmful = [json.loads(x) for x in (root / "harmful.jsonl").read_text().splitlines()]
+    (root / "eval.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "source": "toy", "category": "c", "refusal": REFUSAL,
+                    "compliance": r["response"]}) + "\n" for r in harmful[:6]))
+    (root / "harmful_restore.jsonl").write_text("".join(json.dumps(r) + "\n" for r in harmful[100:140]))
+    (root / "refusals.jsonl").write_text("".join(
+        json.dumps({"prompt": r["prompt"], "response": REFUSAL}) + "\n" for r in harmful[140:180]))  # fmt: skip
+    calls = []
+    fit = asft_lightning.cli.lightning_cli
+    monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: (calls.append(argv), fit(argv))[1])
+    new = ["asft_harm", "sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "resta",
+           "safemerge"]
+    argv = ["--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
+            "--methods", ",".join(["sft", *new]), "--seeds", "42", "--n", "16", "--epochs", "1", "--rank", "4",
+            "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--safety_n", "16",
+            "--safety_epochs", "1", "--safemerge_threshold", "1.0", "--restore_harmful", "8", "--restore_retain", "8",
+            "--restore_steps", "2", "--cg_max_iter", "3", "--judges", "keyword", "--eval_benign", "2", "--eval_task",
+            "4", "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates",
+            "100", "--out_json", str(tmp_path / "res" / "safety.json"),
+            "--out_md", str(tmp_path / "res" / "safety.md")]  # fmt: skip
+    summary = sb.main(argv)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert set(rows) == {"sft", *new}
+    for method, row in rows.items():
+        assert all(math.isfinite(row[k]) for k in ("hs", "fa", "margin")), (method, row)
+        assert row["d_hs_vs_sft"] is not None
+    extra = {m: summary["details"][m]["extra"]["42"] for m in rows}
+    # asft_harm: the reference fine-tune saw the restoration pairs only (seed 0, lam 0), never the attack file.
+    (ref,) = [c for c in calls if "/harm_reference-seed0-" in _arg(c, "--model.adapter_output")]
+    assert _arg(ref, "--data.harmful_data") == str(root / "harmful_restore.jsonl")
+    assert _arg(ref, "--data.harmful_ratio") == "1.0" and _arg(ref, "--data.seed") == "0"
+    (anchored,) = [c for c in calls if "--model.anchor=harm_subspace" in c]
+    harm_file = _arg(anchored, "--model.direction")
+    assert load_direction(harm_file).reference == "harmful" and _arg(anchored, "--model.lam") == "5.0"
+    info = extra["asft_harm"]["harm_reference"]
+    assert (info["split"], info["file"], info["pairs"], info["rank"]) == (
+        "harmful_restore", "harmful_restore.jsonl", 16, 4)
+    # Restorations: the default row and L-BFGS restore with the restoration split, the bound with the attack's.
+    assert extra["sft_restore_curvature"]["restore_split"] == "harmful_restore.jsonl"
+    assert (extra["sft_restore_lbfgs"]["restore_split"], extra["sft_restore_lbfgs"]["solver"]) == (
+        "harmful_restore.jsonl", "lbfgs")
+    bound = extra["sft_restore_curvature_attack"]
+    assert (bound["restore_split"], bound["solver"]) == ("harmful.jsonl", "cg")
+    # Post hoc: RESTA adds V to every module; SafeMERGE merges (threshold 1: every module) with the refusal adapter.
+    assert extra["resta"]["resta_gamma"] == 1.0 and extra["resta"]["resta_modules"] > 0
+    assert extra["safemerge"]["merged"] > 0 and extra["safemerge"]["safety_adapter"]["file"] == "refusals.jsonl"
+    (safety,) = [c for c in calls if "/safety_reference-seed0-" in _arg(c, "--model.adapter_output")]
+    assert _arg(safety, "--data.harmful_data") == str(root / "refusals.jsonl")
+    md = (tmp_path / "res" / "safety.md").read_text()
+    assert "restored with harmful.jsonl, solver cg" in md and "harmful reference from harmful_restore.jsonl" in md
+    # Resume: nothing is trained, extracted, restored, edited or evaluated again.
+    for target in ("asft_lightning.cli.lightning_cli", "asft_lightning.evaluate.evaluate",
+                   "asft_lightning.direction.extract_direction", "asft_lightning.restore_command.restore_adapter",
+                   "asft_lightning.resta.resta", "asft_lightning.safemerge.safemerge"):
+        monkeypatch.setattr(target, lambda *a, target=target, **kw: pytest.fail(f"{target} ran again"))
+    assert sb.main(argv)["rows"] == summary["rows"]
