@@ -103,7 +103,8 @@ class LoraAnchor:
             each module's penalty (needs the full ``V``); the drift statistics leave it out.
         anchor: the anchor term (:mod:`asft_lightning.anchor_forms`): ``projector`` ``||(I - C) B A||^2`` (the
             published AsFT), ``normalized`` (``C`` divided by its top eigenvalue), ``harm_subspace``
-            (``||U U^T B A||^2`` for a harmful-reference basis) or ``none``.
+            (``||U U^T B A||^2`` for a harmful-reference basis), ``inside`` (the same for the alignment direction's
+            basis) or ``none``.
         component_weight: weight of the per-component sign term ``sum_i relu(-u_i^T B A v_i)^2`` over the file's
             singular components (needs a low-rank file with right singular vectors); left out of the statistics.
         direction_dtype: dtype the directions are kept in on the device (``None``: the LoRA weights' dtype).

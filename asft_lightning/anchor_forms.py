@@ -16,6 +16,11 @@ and the loss adds ``lam * sum_l penalty_l``. The anchor term (``model.anchor``):
 * ``harm_subspace``: ``||U_k U_k^T dW||_F^2`` with ``U_k`` from a *harmful-reference* direction (aligned minus a
   harmful fine-tune of it, ``asft direction --reference harmful --projector subspace --rank k``): keeps the update
   out of the subspace the harmful fine-tune moved in.
+* ``inside``: ``||U_k U_k^T dW||_F^2`` with ``U_k`` from the *alignment* direction (``asft direction --reference
+  base --projector subspace --rank k``): keeps the update out of the subspace the alignment wrote into, the opposite
+  of the published form, which penalises the update outside it. Chosen from ``asft basin attribute`` on the SmolLM2
+  world: the attack's update holds 23-31% of its energy inside V's top-32 subspace and that part carries 60% of the
+  margin drop (``benchmarks/results/basin.md``).
 * ``none``: no anchor term; only the sign terms (one of whose weights must then be > 0 when ``lam > 0``).
 
 The sign terms are this project's extensions. ``sign_weight`` needs the full ``V`` (a ``safelora`` file without
@@ -40,10 +45,10 @@ from asft_lightning.errors import ArgumentError
 
 __all__ = ["ANCHORS", "Anchor", "anchor_penalty", "check_direction", "check_forms", "check_reference", "check_strengths"]
 
-Anchor = Literal["projector", "normalized", "harm_subspace", "none"]
-ANCHORS: tuple[str, ...] = ("projector", "normalized", "harm_subspace", "none")
+Anchor = Literal["projector", "normalized", "harm_subspace", "inside", "none"]
+ANCHORS: tuple[str, ...] = ("projector", "normalized", "harm_subspace", "inside", "none")
 #: The reference each anchor term needs (``None``: any).
-NEEDS_REFERENCE = {"projector": "base", "normalized": "base", "harm_subspace": "harmful", "none": None}
+NEEDS_REFERENCE = {"projector": "base", "normalized": "base", "harm_subspace": "harmful", "inside": "base", "none": None}
 
 PenaltyFn = Callable[[ModuleDirection, Tensor, Tensor], Tensor]
 
@@ -56,14 +61,15 @@ def _normalized(md: ModuleDirection, lora_A: Tensor, lora_B: Tensor) -> Tensor:
     return md.normalized_penalty(lora_A, lora_B)
 
 
-def _harm_subspace(md: ModuleDirection, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+def _inside_energy(md: ModuleDirection, lora_A: Tensor, lora_B: Tensor) -> Tensor:
     return md.inside_energy(lora_A, lora_B)
 
 
 _TERMS: dict[str, PenaltyFn | None] = {
     "projector": _projector,
     "normalized": _normalized,
-    "harm_subspace": _harm_subspace,
+    "harm_subspace": _inside_energy,
+    "inside": _inside_energy,
     "none": None,
 }
 
@@ -114,12 +120,16 @@ def check_reference(directions: DirectionSet, anchor: str) -> None:
         raise DirectionError(f"{path}: unknown reference {reference!r} in its metadata (expected base or harmful)")
     if needed is not None and reference != needed:
         if needed == "base":
+            why = (
+                "model.anchor=inside with a harmful-reference subspace is model.anchor=harm_subspace"
+                if anchor == "inside"
+                else "keeping the update inside that subspace would keep it where the harm lies"
+            )
             raise DirectionError(
                 f"model.anchor={anchor} needs an alignment direction (asft direction --reference base: aligned minus "
                 f"the model before alignment), but {path} was made with --reference harmful (aligned minus a harmful "
-                "fine-tune): keeping the update inside that subspace would keep it where the harm lies. Use "
-                "model.anchor=harm_subspace (or none with sign_weight / component_weight) with this file, or a "
-                "--reference base direction"
+                f"fine-tune): {why}. Use model.anchor=harm_subspace (or none with sign_weight / component_weight) "
+                "with this file, or a --reference base direction"
             )
         raise DirectionError(
             f"model.anchor={anchor} needs a harmful-reference direction (asft direction --reference harmful: aligned "
@@ -139,10 +149,12 @@ def check_forms(
 ) -> None:
     """Refuse a file that does not store what the terms compute with (full ``V``, a basis, right vectors)."""
     kinds = {md.kind for md in modules.values()}
-    if anchor == "harm_subspace" and kinds != {"subspace"}:
+    if anchor in ("harm_subspace", "inside") and kinds != {"subspace"}:
+        which = "harmful" if anchor == "harm_subspace" else "base"
         raise DirectionError(
-            f"model.anchor=harm_subspace needs an orthonormal basis U_k of the harmful direction, but {path} stores "
-            f"{_describe(kinds)}; extract it with asft direction --reference harmful --projector subspace --rank k"
+            f"model.anchor={anchor} needs an orthonormal basis U_k of the {which}-reference direction, but {path} "
+            f"stores {_describe(kinds)}; extract it with asft direction --reference {which} --projector subspace "
+            "--rank k"
         )
     if sign_weight > 0 and kinds != {"full"}:
         raise DirectionError(

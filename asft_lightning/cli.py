@@ -113,7 +113,7 @@ def direction(
         aligned_gguf_file: GGUF file inside ``aligned`` if it is a directory.
         unaligned_gguf_file: GGUF file inside ``unaligned`` if it is a directory.
         reference: what ``unaligned`` is (``base`` or ``harmful``); recorded in the metadata, and checked by
-            ``asft fit``: ``model.anchor`` projector / normalized need ``base``, harm_subspace ``harmful``.
+            ``asft fit``: ``model.anchor`` projector / normalized / inside need ``base``, harm_subspace ``harmful``.
         hash_inputs: record SHA-256 of every input file.
     """
     from asft_lightning.direction import extract_direction, spectrum_summary

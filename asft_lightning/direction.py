@@ -360,7 +360,7 @@ def extract_direction(
         aligned_gguf_file: GGUF file name inside ``aligned`` when it is a directory.
         unaligned_gguf_file: GGUF file name inside ``unaligned`` when it is a directory.
         reference: what ``unaligned`` is; recorded in the metadata. The anchors check it: the projector forms
-            need ``base``, ``harm_subspace`` needs ``harmful`` (:mod:`asft_lightning.anchor_forms`).
+            and ``inside`` need ``base``, ``harm_subspace`` needs ``harmful`` (:mod:`asft_lightning.anchor_forms`).
         hash_inputs: record SHA-256 of every input file (reads each input once more).
         spectrum_size: how many top singular values per module to record in the metadata.
 

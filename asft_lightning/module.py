@@ -67,8 +67,10 @@ class AsFTModule(L.LightningModule):
             direction file's ``C`` (the published AsFT); ``normalized`` the same with ``C`` divided by its top
             eigenvalue (``V V^T / sigma_1^2``: ``lam`` means the same whatever ``||V||_F``); ``harm_subspace``
             ``||U_k U_k^T dW||_F^2`` for a basis from ``asft direction --reference harmful --projector subspace``
-            (keeps the update out of the harmful fine-tune's subspace); ``none`` (only the sign terms).
-            ``projector`` and ``normalized`` need a ``--reference base`` file, ``harm_subspace`` a ``harmful`` one.
+            (keeps the update out of the harmful fine-tune's subspace); ``inside`` the same term for a basis of
+            the alignment direction (``--reference base --projector subspace``: keeps the update out of the
+            subspace the alignment wrote into); ``none`` (only the sign terms). ``projector``, ``normalized`` and
+            ``inside`` need a ``--reference base`` file, ``harm_subspace`` a ``harmful`` one.
         gguf_file: GGUF file name inside ``model`` when ``model`` is a directory.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (scale ``alpha / r``).

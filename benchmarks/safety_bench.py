@@ -88,6 +88,9 @@ METHODS = {
     "asft_normalized": "AsFT, published C divided by its top eigenvalue (V V^T / sigma_1^2; model.anchor normalized)",
     "asft_components": "AsFT, exact subspace projector + per-component sign term sum_i relu(-u_i^T B A v_i)^2 "
     "(model.component_weight)",
+    "asft_inside": "AsFT, anchor inside the alignment subspace (model.anchor inside, --lam_inside): ||U_k U_k^T B A||^2 "
+    "with U_k V's top --rank left singular vectors; keeps the update out of the subspace the alignment wrote into "
+    "(benchmarks/results/basin.md: there the attack's update carries most of its harm per unit of energy)",
     "asft_harm": "AsFT, harmful-reference anchor (model.anchor harm_subspace, --lam_harm): ||U_k U_k^T B A||^2 with "
     "U_k the top --harm_rank left singular vectors of aligned minus a short harmful LoRA fine-tune of it on the "
     "world's restoration pairs (harmful_restore.jsonl; never the attack or evaluation data), seed-free and cached",
@@ -102,7 +105,7 @@ METHODS = {
 }
 RESTORING = ("sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "sft_restore_first_order",
              "asft_restore")
-CANDIDATES = ("asft_normalized", "asft_components", "asft_harm")
+CANDIDATES = ("asft_normalized", "asft_components", "asft_inside", "asft_harm")
 """Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
 POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_restore_lbfgs")
 """Issue 14's baselines and restoration variants: run only when named in ``--methods`` (the default run is
@@ -369,6 +372,12 @@ class Bench:
                               rank=self.args.rank, hash_inputs=False)
         return str(path)
 
+    def asft_inside(self, seed: int) -> tuple[Path, float]:
+        """AsFT with ``model.anchor=inside`` on V's top-``rank`` subspace (the components file), at ``--lam_inside``."""
+        comp = self.components_direction()
+        return self.fit("asft_inside", seed, self.args.lam_inside, comp, ["--model.anchor=inside"],
+                        uses={"direction": digest(comp)})
+
     def components_direction(self) -> str:
         """A subspace file with V's right singular vectors too (what ``model.component_weight`` needs); its own cache
         name, so subspace files written before right vectors were stored are not picked up."""
@@ -630,6 +639,8 @@ class Bench:
             adapter, seconds = self.fit("asft_components", seed, a.lam_subspace, comp,
                                         [f"--model.component_weight={a.component_weight}"],
                                         uses={"direction": digest(comp)})
+        elif method == "asft_inside":
+            adapter, seconds = self.asft_inside(seed)
         elif method == "asft_harm":
             adapter, seconds, extra["harm_reference"] = self.asft_harm(seed)  # which split built the reference
         else:  # restorations
@@ -1018,6 +1029,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=160)
     p.add_argument("--lam_safelora", type=float, default=1.0)
     p.add_argument("--lam_subspace", type=float, default=1.0)
+    p.add_argument("--lam_inside", type=float, default=100.0,
+                   help="lam of asft_inside (the inside energy is a share of ||B A||^2, so lam 1 is weak weight decay)")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--sign_weight", type=float, default=10.0)
     p.add_argument("--lam_normalized", type=float, default=1.0, help="lam of asft_normalized")

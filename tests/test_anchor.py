@@ -212,7 +212,7 @@ def _dense_form(layer, md, anchor: str, sign_weight: float, component_weight: fl
     elif anchor == "normalized":
         c_n = c / torch.linalg.eigvalsh(c).max()  # C / lambda_max(C), from the dense matrix itself
         total = torch.linalg.matrix_norm((eye - c_n) @ delta) ** 2
-    elif anchor == "harm_subspace":
+    elif anchor in ("harm_subspace", "inside"):
         total = torch.linalg.matrix_norm(c @ delta) ** 2  # c = U U^T here
     else:
         total = delta.sum() * 0
@@ -236,6 +236,8 @@ FORMS = [
     ("normalized", "eigenpairs", 0.0, 4.0),
     ("harm_subspace", "harmful", 0.0, 0.0),
     ("harm_subspace", "harmful", 0.0, 3.0),
+    ("inside", "subspace", 0.0, 0.0),
+    ("inside", "subspace", 0.0, 3.0),
     ("none", "subspace", 0.0, 3.0),
     ("none", "full", 2.0, 0.0),
 ]

@@ -154,6 +154,9 @@ def _module(world, direction, **kwargs):
         ("subspace", {"anchor": "harm_subspace"}, r"model.anchor=harm_subspace needs a harmful-reference direction"),
         ("full", {"anchor": "harm_subspace"}, r"model.anchor=harm_subspace needs a harmful-reference"),
         ("harmful_full", {"anchor": "harm_subspace"}, r"harm_subspace needs an orthonormal basis.*full V"),
+        ("harmful", {"anchor": "inside"}, r"model.anchor=inside needs an alignment direction.*is model.anchor=harm_subspace"),
+        ("full", {"anchor": "inside"}, r"model.anchor=inside needs an orthonormal basis U_k of the base-reference.*full V"),
+        ("eigenpairs", {"anchor": "inside"}, r"model.anchor=inside needs an orthonormal basis.*eigenpairs"),
         ("subspace", {"sign_weight": 1.0}, r"model.sign_weight > 0 needs the full direction V.*subspace basis"),
         ("eigenpairs", {"sign_weight": 1.0}, r"model.sign_weight > 0 needs the full direction V.*eigenpairs"),
         ("full", {"component_weight": 1.0}, r"model.component_weight > 0 needs V's top-k singular components.*full V"),
@@ -189,9 +192,10 @@ def test_other_bad_settings(tiny_world, files):
     _module(tiny_world, files["full"], anchor="normalized", sign_weight=1.0)
     _module(tiny_world, files["eigenpairs"], anchor="normalized", component_weight=1.0)
     _module(tiny_world, files["harmful"], anchor="harm_subspace", component_weight=1.0)
+    _module(tiny_world, files["subspace"], anchor="inside", component_weight=1.0)
     _module(tiny_world, files["harmful"], anchor="none", component_weight=1.0)
     _module(tiny_world, files["harmful_full"], anchor="none", sign_weight=1.0)
-    assert set(ANCHORS) == {"projector", "normalized", "harm_subspace", "none"}
+    assert set(ANCHORS) == {"projector", "normalized", "harm_subspace", "inside", "none"}
 
 
 def test_command_line_refuses_before_training_with_one_line(tiny_world, files, tmp_path, capsys):
@@ -262,8 +266,9 @@ def _fit_from_printed_config(world, direction, tmp_path, extra, capsys, expect: 
         ("eigenpairs", ["--model.anchor=normalized", "--model.component_weight=5"],
          {"anchor": "normalized", "component_weight": 5.0}),
         ("full", ["--model.anchor=none", "--model.sign_weight=100"], {"anchor": "none", "sign_weight": 100.0}),
+        ("subspace", ["--model.anchor=inside", "--model.lam=5"], {"anchor": "inside", "lam": 5.0}),
     ],
-    ids=["normalized", "subspace+components", "normalized+components", "whole-V-sign-only"],
+    ids=["normalized", "subspace+components", "normalized+components", "whole-V-sign-only", "inside"],
 )
 def test_fit_with_each_form_round_trips_through_yaml(tiny_world, files, tmp_path, capsys, file, extra, expect):
     _fit_from_printed_config(tiny_world, files[file], tmp_path, extra, capsys, expect)

@@ -210,7 +210,8 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
 
     def fake_extract(aligned, unaligned, output, **kw):
         extracted.append(kw)
-        Path(output).write_text(json.dumps([(Path(unaligned) / "adapter_model.safetensors").read_text(), kw]))
+        source = Path(unaligned) / "adapter_model.safetensors"  # an adapter (harmful reference), else a model
+        Path(output).write_text(json.dumps([source.read_text() if source.is_file() else str(unaligned), kw]))
 
     monkeypatch.setattr("asft_lightning.cli.lightning_cli", fake_fit)
     monkeypatch.setattr("asft_lightning.direction.extract_direction", fake_extract)
@@ -263,6 +264,16 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
     assert fresh(harm_rank=4).asft_harm(42)[0].parent.name != harm_fit
     assert fresh().asft_harm(1)[0].parent.name != harm_fit
     assert fresh(lam_safelora=50.0).asft_harm(42)[0].parent.name == harm_fit
+    # asft_inside: the alignment direction's subspace file (with right vectors), its own lam.
+    b = fresh()
+    calls.clear()
+    inside = b.asft_inside(42)[0].parent.name
+    assert "--model.anchor=inside" in calls[-1] and _arg(calls[-1], "--model.lam") == "100.0"
+    assert _arg(calls[-1], "--model.direction") == b.components_direction()
+    assert extracted[-1] == {"projector": "subspace", "rank": 32, "hash_inputs": False}
+    assert fresh(lam_inside=10.0).asft_inside(42)[0].parent.name != inside
+    assert fresh(lam_safelora=50.0, lam_harm=3.0).asft_inside(42)[0].parent.name == inside
+    assert fresh(rank=8).asft_inside(42)[0].parent.name != inside
     # SafeMERGE's safety adapter: the alignment refusals only, seed 0.
     calls.clear()
     safety = fresh().safety_reference()[0].parent.name
