@@ -299,3 +299,30 @@ def test_restoration_settings_are_declared_once_and_listed_in_both_helps(capsys)
         assert f"--{field.name} " in restore_help, field.name
         assert f"--trainer.callbacks.{field.name} " in callback_help, field.name
         assert described[field.name] in restore_help and described[field.name] in callback_help, field.name
+
+
+def test_per_batch_gradient_and_hvp_equal_those_of_the_whole_loss_in_float64(tiny_world, batches):
+    """Restoration takes gradients and HVPs batch by batch (one batch's graph in memory); their means equal the
+    gradient and the HVP of the mean loss over all batches computed in one graph (float64 model)."""
+    from asft_lightning import curvature as cv
+    from asft_lightning.restoration import _functional, _mean_grad, _mean_hvp, _value_and_grad
+
+    model = _attacked(tiny_world["aligned"], batches["train"]).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    retain = [{k: v for k, v in b.items()} for b in batches["retain"]]
+    assert len(retain) == 3
+    whole = _functional(model, retain)
+    per_batch = [_functional(model, [b]) for b in retain]
+    _, g_whole = _value_and_grad(whole, params)
+    g_batches = _mean_grad(per_batch, params)
+    v = {k: torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) for k, p in params.items()}
+    with cv.second_order_attention(model):
+        h_whole = cv.hvp(whole, params, v, method="double_backward")
+        h_batches = _mean_hvp(per_batch, params, v, "double_backward")
+    # Llama's RMSNorm computes in float32 even in a float64 model, so agreement is to float32 rounding
+    g_scale = max(float(t.abs().max()) for t in g_whole.values())
+    h_scale = max(float(t.abs().max()) for t in h_whole.values())
+    for k in params:
+        torch.testing.assert_close(g_batches[k], g_whole[k], rtol=1e-5, atol=1e-6 * g_scale)
+        torch.testing.assert_close(h_batches[k], h_whole[k], rtol=1e-5, atol=1e-6 * h_scale)
+    assert float(cv.norm(h_whole)) > 0 and float(cv.norm(g_whole)) > 0
