@@ -364,9 +364,9 @@ def test_attribute_a_lora_adapter(tiny_world, tiny_direction, files, adapter, tm
             assert key in r
     groups = report["statistics"]["groups"]
     assert set(groups) == {"q", "v", "mlp"}
-    for g in ("q", "v"):
-        assert sum(groups[g][f"{p}_share"] for p in ("along", "inside", "orth")) == pytest.approx(1, abs=1e-6)
-    assert groups["mlp"]["uncovered_share"] == pytest.approx(1, abs=1e-5)  # float32 energies, rounded to 6 places
+    for g in ("q", "v"):  # three shares, each rounded to 6 places: the sum is 1 within 1.5e-6
+        assert sum(groups[g][f"{p}_share"] for p in ("along", "inside", "orth")) == pytest.approx(1, abs=2e-6)
+    assert groups["mlp"]["uncovered_share"] == pytest.approx(1, abs=1e-5)  # rounded to 6 places
     assert sum(g["share_of_update"] for g in groups.values()) == pytest.approx(1, abs=1e-5)
     verdict = report["verdict"]
     assert verdict["text"].startswith("The update moves the margin from")
