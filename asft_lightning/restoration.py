@@ -5,7 +5,9 @@ This is this project's concrete formulation of Bach et al. (arXiv 2511.18039, TM
 completions, ``L_t`` the loss on retain (task / benign) data and ``L_r`` the loss on refusals, each step
 
     g   = grad_phi [ L_h(phi) - mu * L_r(phi) ]          ascent direction
-    d   = (H_t + lambda I)^{-1} g                        CG on Hessian-vector products of L_t, or L-BFGS
+    d   = (H_t + lambda I)^{-1} g                        CG on Hessian-vector products of L_t, or L-BFGS;
+                                                         or H_t ~ F, the retain examples' empirical Fisher
+                                                         (exact Woodbury inverse, no HVP: ``solver="fisher"``)
     d   = d restricted to the top modules by |g_l^T d_l| (optional, "influence" selection)
     eta = min(eta_max, sqrt(2 delta / d^T (H_t + lambda I) d))      trust region on the task curvature
     phi = phi + eta * d
@@ -13,7 +15,7 @@ completions, ``L_t`` the loss on retain (task / benign) data and ``L_r`` the los
 and stops when ``L_h`` is back at the aligned reference's level (the model with the adapter disabled, or a
 given reference model), after ``max_steps``, or when ``L_t`` would rise more than ``task_loss_budget`` (the step
 is halved up to ``backtracks`` times first, then undone). The first-order baseline uses ``d = g`` with the same
-trust region. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
+trust region. The harmful loss after a step and the next step's gradient come from one forward and backward. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from asft_lightning import curvature as cv
 from asft_lightning.errors import ArgumentError, DataError
+from asft_lightning.fisher import EmpiricalFisher
 
 Batch = dict[str, Tensor]
 AllReduce = Callable[[Tensor], Tensor]
@@ -45,11 +48,17 @@ class RestorationConfig:
     Args:
         method: ``curvature``: precondition the ascent by ``(H_t + damping I)^{-1}``; ``first_order``: ``d = g``
             (the baseline).
-        solver: inverse-curvature solver: ``cg`` (conjugate gradient on HVPs) or ``lbfgs`` (the L-BFGS two-loop
-            estimate, one HVP a step).
+        solver: inverse-curvature solver: ``cg`` (conjugate gradient on HVPs of ``L_t``), ``lbfgs`` (the L-BFGS
+            two-loop estimate, one HVP a step) or ``fisher`` (the empirical Fisher of the retain examples, ``F =
+            mean_i g_i g_i^T`` from one gradient per retain example taken once, inverted exactly by Woodbury: no
+            HVP at all, the cheapest; it is also the trust region's metric, for ``first_order`` too; one process
+            only).
         max_steps: most restoration steps, >= 1.
         damping: initial ``lambda`` in ``H_t + lambda I``, > 0; raised automatically when CG meets negative
-            curvature.
+            curvature (``cg`` and ``lbfgs``).
+        fisher_damping: ``fisher`` solver: ``lambda = fisher_damping * trace(F) / N``, relative to the mean
+            non-zero eigenvalue of ``F`` (N retain examples), > 0; smaller protects the retain examples' directions
+            more.
         max_damping_increases: when CG meets negative curvature (``H_t`` is indefinite), multiply the damping by 4,
             up to this often, >= 0.
         cg_max_iter: most CG iterations per step, >= 1.
@@ -71,9 +80,10 @@ class RestorationConfig:
     """
 
     method: Literal["curvature", "first_order"] = "curvature"
-    solver: Literal["cg", "lbfgs"] = "cg"
+    solver: Literal["cg", "lbfgs", "fisher"] = "cg"
     max_steps: int = 10
     damping: float = 1.0
+    fisher_damping: float = 1.0
     max_damping_increases: int = 4
     cg_max_iter: int = 10
     cg_tol: float = 1e-3
@@ -93,8 +103,10 @@ class RestorationConfig:
         problems = []
         if self.method not in ("curvature", "first_order"):
             problems.append(f"method must be 'curvature' or 'first_order', got {self.method!r}")
-        if self.solver not in ("cg", "lbfgs"):
-            problems.append(f"solver must be 'cg' or 'lbfgs', got {self.solver!r}")
+        if self.solver not in ("cg", "lbfgs", "fisher"):
+            problems.append(f"solver must be 'cg', 'lbfgs' or 'fisher', got {self.solver!r}")
+        if not (self.fisher_damping > 0 and math.isfinite(self.fisher_damping)):
+            problems.append(f"fisher_damping must be in (0, inf), got {self.fisher_damping}")
         if self.max_steps < 1:
             problems.append(f"max_steps must be >= 1, got {self.max_steps}")
         if not (self.damping > 0 and math.isfinite(self.damping)):
@@ -209,6 +221,32 @@ def _mean_grad(fns: Sequence[cv.LossFn], params: cv.TensorDict) -> cv.TensorDict
     return _batch_mean(fns, lambda fn: _value_and_grad(fn, params)[1])
 
 
+def _mean_value_and_grad(fns: Sequence[cv.LossFn], params: cv.TensorDict) -> tuple[Tensor, cv.TensorDict]:
+    """Value and gradient of the mean of ``fns``, batch by batch (one forward and backward each)."""
+    value: Tensor | None = None
+    total: cv.TensorDict | None = None
+    for fn in fns:
+        loss, grad = _value_and_grad(fn, params)
+        value = loss if value is None else value + loss
+        total = grad if total is None else cv.add(total, grad)
+    return value / len(fns), cv.scale(total, 1.0 / len(fns))
+
+
+def per_example_gradients(model: nn.Module, batches: Sequence[Batch], params: cv.TensorDict) -> list[cv.TensorDict]:
+    """The gradient of each example's own loss (its response tokens' mean cross-entropy), one example at a time.
+
+    Each row of each batch is cut to its attention mask (right padding, as :func:`asft_lightning.data.collate`
+    makes), so no padding is computed. These are the rows of the empirical Fisher (:mod:`asft_lightning.fisher`).
+    """
+    grads = []
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            one = {k: batch[k][i : i + 1, :n] for k in ("input_ids", "attention_mask", "labels")}
+            grads.append(_value_and_grad(_functional(model, [one]), params)[1])
+    return grads
+
+
 def _mean_hvp(fns: Sequence[cv.LossFn], params: cv.TensorDict, v: cv.TensorDict, method: cv.HVPMethod) -> cv.TensorDict:
     """``H v`` of the mean of ``fns``, batch by batch."""
     return _batch_mean(fns, lambda fn: cv.hvp(fn, params, v, method=method))
@@ -298,10 +336,15 @@ def restore(
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
     if not named:
         raise ArgumentError("restore: the model has no trainable (LoRA) parameters; load the adapter with is_trainable=True")
-    attention = cv.second_order_attention(model) if cfg.hvp_method != "finite_difference" else nullcontext()
+    if cfg.solver == "fisher" and all_reduce is not None:
+        raise ArgumentError("restore: solver 'fisher' runs on one process (its per-example gradients are not "
+                            "gathered across ranks); use solver 'cg' or 'lbfgs' under data parallelism")
+    # Only Hessian-vector products need an attention kernel with double backward; the Fisher solver takes none.
+    needs_hvp = cfg.solver != "fisher" and cfg.hvp_method != "finite_difference"
+    attention = cv.second_order_attention(model) if needs_hvp else nullcontext()
     try:
         with attention:
-            if cfg.hvp_method in ("double_backward", "forward_over_reverse"):
+            if cfg.solver != "fisher" and cfg.hvp_method in ("double_backward", "forward_over_reverse"):
                 cv.check_second_order(model, cfg.hvp_method)  # raises, naming the attention kernel
             return _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce, all_reduce, on_step, start)
     finally:
@@ -318,12 +361,22 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
     task_fns = [_functional(model, [b]) for b in retain]
     refusal_fns = [_functional(model, [b]) for b in refusal] if refusal_fn is not None else None
 
-    def losses() -> tuple[float, float, float | None]:
+    def task_and_refusal() -> tuple[float, float | None]:
         with torch.no_grad():
-            h = float(reduce(harm_fn(params)))
             t = float(reduce(task_fn(params)))
             r = float(reduce(refusal_fn(params))) if refusal_fn else None
-        return h, t, r
+        return t, r
+
+    def harmful_loss() -> float:
+        with torch.no_grad():
+            return float(reduce(harm_fn(params)))
+
+    def harmful_value_and_grad() -> tuple[float, cv.TensorDict]:
+        """``L_h`` and the ascent direction ``grad [L_h - mu L_r]`` at the current parameters (one pass)."""
+        h, g = _mean_value_and_grad(harm_fns, params)
+        if refusal_fns is not None:
+            g = cv.axpy(-cfg.refusal_weight, _mean_grad(refusal_fns, params), g)
+        return float(reduce(h)), {k: reduce(v) for k, v in g.items()}
 
     def hessian(v: cv.TensorDict) -> cv.TensorDict:
         """``H_t v`` (averaged across ranks when ``all_reduce`` is given)."""
@@ -334,27 +387,30 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
         reference_loss = float(reduce(torch.tensor(reference_harmful_loss(model, harmful))))
     # where a step that overshoots lands: the reference, or beyond it when target_margin < 0
     landing = reference_loss - min(cfg.target_margin, 0.0)
-    h0, t0, _ = losses()
+    h0 = harmful_loss()
+    t0, _ = task_and_refusal()
     h, t = h0, t0
     result = RestorationResult(reference_loss, h0, t0, h0, t0, "max_steps", False, config=asdict(cfg))
     if h0 >= reference_loss - cfg.target_margin:
         result.stop_reason, result.restored = "already at the reference level", True
         result.seconds = time.perf_counter() - start
         return result
-    if cfg.check_determinism:
+    if cfg.check_determinism and cfg.solver != "fisher":
         probe = {k: torch.randn_like(v) for k, v in params.items()}
         cv.hvp(task_fns[0], params, probe, method=cfg.hvp_method, check_determinism=True)
+    fisher = EmpiricalFisher(per_example_gradients(model, retain, params), cfg.fisher_damping) \
+        if cfg.solver == "fisher" else None
     damping = cfg.damping
     history = cv.LBFGSHistory(max_size=cfg.lbfgs_history, damping=cfg.damping)
+    ascent_at_point: tuple[float, cv.TensorDict] | None = None  # (L_h, g) at the current parameters, when known
     for step in range(1, cfg.max_steps + 1):
         t_step = time.perf_counter()
-        g = _mean_grad(harm_fns, params)
-        if refusal_fns is not None:
-            g = cv.axpy(-cfg.refusal_weight, _mean_grad(refusal_fns, params), g)
-        g = {k: reduce(v) for k, v in g.items()}
+        h_prev, g = ascent_at_point if ascent_at_point is not None else harmful_value_and_grad()
         cg_residual = cg_iterations = None
         if cfg.method == "first_order":
             d = g
+        elif cfg.solver == "fisher":
+            d = fisher.solve(g)
         elif cfg.solver == "cg":
             for _ in range(cfg.max_damping_increases + 1):
                 res = cv.conjugate_gradient(hessian, g, damping, max_iter=cfg.cg_max_iter, tol=cfg.cg_tol)
@@ -370,33 +426,39 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
         touched = sorted(module_groups(list(d)))
         if cfg.top_modules is not None:
             d, touched = select_by_influence(g, d, cfg.top_modules)
-        quad = float(cv.dot(d, cv.axpy(damping, d, hessian(d))))
+        quad = fisher.quadratic(d) if fisher is not None else float(cv.dot(d, cv.axpy(damping, d, hessian(d))))
         ascent = float(cv.dot(g, d))
         if ascent <= 0 or not math.isfinite(ascent):
             result.stop_reason = "no ascent direction (g^T d <= 0)"
             break
         eta = cfg.max_step_size if quad <= 0 else min(cfg.max_step_size, math.sqrt(2 * cfg.trust_region / quad))
-        h_prev = h
         _apply(named, d, eta)
-        h, t, r = losses()
+        t, r = task_and_refusal()
         halvings = 0
         while t - t0 > cfg.task_loss_budget and halvings < cfg.backtracks:
             _apply(named, d, -eta / 2)
             eta /= 2
             halvings += 1
-            h, t, r = losses()
+            t, r = task_and_refusal()
         over_budget = t - t0 > cfg.task_loss_budget
         if over_budget:
             _apply(named, d, -eta)
-            h, t, r = losses()
+            t, r = task_and_refusal()
+            h, ascent_at_point = h_prev, (h_prev, g)
             eta = 0.0
-        elif cfg.land_on_target and h > landing and h > h_prev:
-            # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
-            # target instead of overshooting it, so that the update stays as small as the target allows.
-            landed = eta * (landing - h_prev) / (h - h_prev)
-            _apply(named, d, landed - eta)
-            eta = landed
-            h, t, r = losses()
+        else:
+            # L_h and the next step's ascent direction in one pass (the next step starts here unless landing moves)
+            ascent_at_point = harmful_value_and_grad()
+            h = ascent_at_point[0]
+            if cfg.land_on_target and h > landing and h > h_prev:
+                # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
+                # target instead of overshooting it, so that the update stays as small as the target allows.
+                landed = eta * (landing - h_prev) / (h - h_prev)
+                _apply(named, d, landed - eta)
+                eta = landed
+                h = harmful_loss()
+                t, r = task_and_refusal()
+                ascent_at_point = None
         record = StepRecord(step, h, t, r, eta, quad, damping, cg_residual, cg_iterations, touched, halvings,
                             time.perf_counter() - t_step)
         result.records.append(record)

@@ -48,8 +48,10 @@ def attacked_adapter(tiny_world, batches, tmp_path_factory) -> str:
         RestorationConfig(solver="lbfgs", trust_region=0.02),
         RestorationConfig(method="first_order", trust_region=0.02),
         RestorationConfig(trust_region=0.02, top_modules=1, max_steps=30),
+        RestorationConfig(solver="fisher", trust_region=0.02),
+        RestorationConfig(solver="fisher", method="first_order", trust_region=0.02),
     ],
-    ids=["cg", "lbfgs", "first_order", "top1"],
+    ids=["cg", "lbfgs", "first_order", "top1", "fisher", "first_order_fisher_metric"],
 )
 def test_restore_raises_harmful_loss_to_the_reference(tiny_world, batches, config):
     model = _attacked(tiny_world["aligned"], batches["train"])
@@ -326,3 +328,38 @@ def test_per_batch_gradient_and_hvp_equal_those_of_the_whole_loss_in_float64(tin
         torch.testing.assert_close(g_batches[k], g_whole[k], rtol=1e-5, atol=1e-6 * g_scale)
         torch.testing.assert_close(h_batches[k], h_whole[k], rtol=1e-5, atol=1e-6 * h_scale)
     assert float(cv.norm(h_whole)) > 0 and float(cv.norm(g_whole)) > 0
+
+
+def test_per_example_gradients_equal_each_examples_own_loss_in_the_padded_batch_in_float64(tiny_world, batches):
+    """The Fisher's rows: each example's gradient, computed on the example cut to its mask, equals the gradient of
+    that example's loss inside its padded batch (the other rows' labels masked out), float64."""
+    from asft_lightning.restoration import _functional, _value_and_grad, per_example_gradients
+
+    model = _attacked(tiny_world["aligned"], batches["train"]).double().eval()
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    tok = _load_tokenizer(tiny_world["aligned"], None)
+    mixed = load_samples(tiny_world["harmful"], "harmful_data", "prompt", "response")[100:104] + load_samples(
+        tiny_world["task"], "task_data", "instruction", "output", "input")[200:204]
+    batch = sample_batches(tok, mixed, batch_size=8, max_length=64)[0]
+    lengths = batch["attention_mask"].sum(1)
+    assert int(lengths.min()) < int(lengths.max())  # the batch really has padding to cut
+    grads = per_example_gradients(model, [batch], params)
+    assert len(grads) == batch["input_ids"].shape[0]
+    for i in (0, int(lengths.argmin()), int(lengths.argmax())):
+        labels = torch.full_like(batch["labels"], -100)
+        labels[i] = batch["labels"][i]
+        _, ref = _value_and_grad(_functional(model, [{**batch, "labels": labels}]), params)
+        scale = max(float(t.abs().max()) for t in ref.values())
+        for k in params:
+            torch.testing.assert_close(grads[i][k], ref[k], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_fisher_solver_needs_no_second_order_attention_and_refuses_data_parallel(tiny_world, batches):
+    from asft_lightning.errors import ArgumentError
+
+    model = _attacked(tiny_world["aligned"], batches["train"])
+    with pytest.raises(ArgumentError, match="solver 'fisher' runs on one process"):
+        restore(model, batches["harmful"], batches["retain"], config=RestorationConfig(solver="fisher"),
+                all_reduce=lambda t: t)
+    with pytest.raises(Exception, match="fisher_damping must be in"):
+        RestorationConfig(solver="fisher", fisher_damping=0.0)
