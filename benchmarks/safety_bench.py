@@ -94,12 +94,12 @@ METHODS = {
     "asft_harm": "AsFT, harmful-reference anchor (model.anchor harm_subspace, --lam_harm): ||U_k U_k^T B A||^2 with "
     "U_k the top --harm_rank left singular vectors of aligned minus a short harmful LoRA fine-tune of it on the "
     "world's restoration pairs (harmful_restore.jsonl; never the attack or evaluation data), seed-free and cached",
-    "sft_restore_curvature": "SFT + restoration, curvature (--solver, CG by default, on task HVPs), restoring with the "
-    "restoration split (harmful_restore.jsonl, disjoint from the attack's pairs)",
+    "sft_restore_curvature": "SFT + restoration, curvature (--solver: the retain examples' empirical Fisher by "
+    "default), restoring with the restoration split (harmful_restore.jsonl, disjoint from the attack's pairs)",
     "sft_restore_curvature_attack": "SFT + restoration, curvature, restoring with the attack's own pairs "
     "(harmful_attack.jsonl): optimistic bound, a defender rarely has the attacker's data",
     "sft_restore_lbfgs": "SFT + restoration, curvature with the L-BFGS solver, restoration split "
-    "(harmful_restore.jsonl); seconds = the restoration alone, to set against the CG row's",
+    "(harmful_restore.jsonl); seconds = the restoration alone, to set against the default row's",
     "sft_restore_first_order": "SFT + restoration, first-order baseline, restoration split (harmful_restore.jsonl)",
     "asft_restore": "AsFT (published projector) + restoration, curvature, restoration split (harmful_restore.jsonl)",
 }
@@ -327,7 +327,7 @@ class Bench:
             "harmful": digest(self.paths[harmful]), "retain": digest(self.paths["task_train"]),
             "num_harmful": a.restore_harmful, "num_retain": a.restore_retain, "steps": a.restore_steps,
             "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
-            "solver": solver or a.solver, "target_margin": a.target_margin,
+            "solver": solver or a.solver, "target_margin": a.target_margin, "fisher_damping": a.fisher_damping,
         }  # fmt: skip
         if harmful != "harmful_restore":
             settings["harmful_split"] = harmful
@@ -657,7 +657,7 @@ class Bench:
                     num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length,
                     method=plan["kind"], max_steps=a.restore_steps, trust_region=a.trust_region,
                     task_loss_budget=a.task_loss_budget, cg_max_iter=a.cg_max_iter, solver=plan["solver"],
-                    target_margin=a.target_margin, overwrite=True, progress=False,
+                    target_margin=a.target_margin, fisher_damping=a.fisher_damping, overwrite=True, progress=False,
                 )
             seconds = round(time.perf_counter() - t0, 1)
             res = report["result"]
@@ -1079,7 +1079,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust_region", type=float, default=0.05)
     p.add_argument("--task_loss_budget", type=float, default=0.1)
     p.add_argument("--cg_max_iter", type=int, default=10)
-    p.add_argument("--solver", choices=["cg", "lbfgs"], default="cg")
+    p.add_argument("--solver", choices=["fisher", "cg", "lbfgs"], default="fisher",
+                   help="curvature restoration's solver, and the trust region's metric of the first-order row "
+                   "(cg: about 10 task HVPs a step, over an hour a row on 2 cores: benchmarks/restore_cost.py)")
+    p.add_argument("--fisher_damping", type=float, default=1.0, help="asft restore --fisher_damping")
     p.add_argument("--target_margin", type=float, default=0.01, help="restoration stop: reference - margin")
     p.add_argument("--replicates", type=int, default=10_000, help="bootstrap replicates")
     p.add_argument("--threads", type=int, default=2)

@@ -290,7 +290,7 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
                                                  "sft_restore_lbfgs", "sft_restore_first_order")}
     assert [p["harmful"] for p in plans.values()] == ["harmful_restore", "harmful_attack", "harmful_restore",
                                                       "harmful_restore"]
-    assert [p["solver"] for p in plans.values()] == ["cg", "cg", "lbfgs", "cg"]
+    assert [p["solver"] for p in plans.values()] == ["fisher", "fisher", "lbfgs", "fisher"]
     assert len({p["output"] for p in plans.values()}) == 4
     assert b.restore_settings("harmful_attack")["harmful_split"] == "harmful_attack"
     assert "harmful_split" not in b.restore_settings()  # the default rows' keys are unchanged
@@ -299,6 +299,7 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
     assert fresh(cg_max_iter=3).restore_plan("sft_restore_lbfgs", 42)["output"] != lbfgs
     curvature = plans["sft_restore_curvature"]["output"]
     assert fresh(solver="lbfgs").restore_plan("sft_restore_curvature", 42)["output"] != curvature
+    assert fresh(fisher_damping=0.5).restore_plan("sft_restore_curvature", 42)["output"] != curvature
     (world / "harmful_attack.jsonl").write_text("the attack pairs, third version")
     b = fresh()
     attack = b.restore_plan("sft_restore_curvature_attack", 42)["output"]
@@ -446,14 +447,14 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     assert (extra["sft_restore_lbfgs"]["restore_split"], extra["sft_restore_lbfgs"]["solver"]) == (
         "harmful_restore.jsonl", "lbfgs")
     bound = extra["sft_restore_curvature_attack"]
-    assert (bound["restore_split"], bound["solver"]) == ("harmful.jsonl", "cg")
+    assert (bound["restore_split"], bound["solver"]) == ("harmful.jsonl", "fisher")
     # Post hoc: RESTA adds V to every module; SafeMERGE merges (threshold 1: every module) with the refusal adapter.
     assert extra["resta"]["resta_gamma"] == 1.0 and extra["resta"]["resta_modules"] > 0
     assert extra["safemerge"]["merged"] > 0 and extra["safemerge"]["safety_adapter"]["file"] == "refusals.jsonl"
     (safety,) = [c for c in calls if "/safety_reference-seed0-" in _arg(c, "--model.adapter_output")]
     assert _arg(safety, "--data.harmful_data") == str(root / "refusals.jsonl")
     md = (tmp_path / "res" / "safety.md").read_text()
-    assert "restored with harmful.jsonl, solver cg" in md and "harmful reference from harmful_restore.jsonl" in md
+    assert "restored with harmful.jsonl, solver fisher" in md and "harmful reference from harmful_restore.jsonl" in md
     # Resume: nothing is trained, extracted, restored, edited or evaluated again.
     for target in ("asft_lightning.cli.lightning_cli", "asft_lightning.evaluate.evaluate",
                    "asft_lightning.direction.extract_direction", "asft_lightning.restore_command.restore_adapter",
