@@ -41,8 +41,10 @@ VARIANTS = {
 }
 
 
-def baseline_seconds(bench: safety_bench.Bench, adapter: Path, reps: int) -> dict[str, Any]:
-    """One forward+backward (LoRA gradients) over the restoration batches, and one pass of per-example gradients."""
+def baseline_seconds(bench: safety_bench.Bench, adapter: Path, reps: int, hvp: bool = False) -> dict[str, Any]:
+    """One forward+backward (LoRA gradients) over the restoration batches, one pass of per-example gradients of the
+    retain batches, and with ``hvp`` one Hessian-vector product of the retain loss (double backward, eager
+    attention: what ``cg`` takes about ``cg_max_iter + 1`` of per step, ``lbfgs`` 2)."""
     from asft_lightning.data import load_samples, sample_batches
     from asft_lightning.restoration import _functional, _mean_value_and_grad, per_example_gradients
     from asft_lightning.restore_command import _load_fine_tune
@@ -67,8 +69,19 @@ def baseline_seconds(bench: safety_bench.Bench, adapter: Path, reps: int) -> dic
     t0 = time.perf_counter()
     per_example_gradients(model, retain_batches, params)
     per_example = time.perf_counter() - t0
+    hvp_s = None
+    if hvp:
+        from asft_lightning import curvature as cv
+        from asft_lightning.restoration import _mean_hvp
+
+        v = {k: torch.randn_like(p) for k, p in params.items()}
+        with cv.second_order_attention(model):
+            t0 = time.perf_counter()
+            _mean_hvp([_functional(model, [b]) for b in retain_batches], params, v, "double_backward")
+            hvp_s = time.perf_counter() - t0
     return {"fwd_bwd_s": min(times), "fwd_bwd_all_s": times, "tokens": tokens, "padded_tokens": padded,
-            "harmful_pairs": len(harmful), "retain_pairs": len(retain), "per_example_grads_s": per_example}
+            "harmful_pairs": len(harmful), "retain_pairs": len(retain), "per_example_grads_s": per_example,
+            "retain_hvp_s": hvp_s}
 
 
 def run_variant(bench: safety_bench.Bench, adapter: Path, name: str, cg_steps: int) -> dict[str, Any]:
@@ -110,7 +123,10 @@ def render(report: dict[str, Any]) -> str:
         f"{report['max_length']} tokens ({base['tokens']} tokens, {base['padded_tokens']} with padding)",
         f"- baseline: one forward+backward of the LoRA parameters over those batches: **{base['fwd_bwd_s']:.1f} s** "
         f"(best of {len(base['fwd_bwd_all_s'])}); one gradient per retain example (the Fisher's rows): "
-        f"{base['per_example_grads_s']:.1f} s",
+        f"{base['per_example_grads_s']:.1f} s"
+        + (f"; one Hessian-vector product of the retain loss (double backward, eager attention): "
+           f"{base['retain_hvp_s']:.1f} s (a `cg` step takes up to cg_max_iter + 1 of them, an `lbfgs` step 2)"
+           if base.get("retain_hvp_s") is not None else ""),
         "",
         "| variant | method | solver | wall s (asft restore, loading included) | / fwd+bwd | steps | s per step | "
         "stop | L_h start -> end (reference) | L_t start -> end |",
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--variants", default="fisher,first_order,cg", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--cg_steps", type=int, default=1, help="steps of the cg variants (each ~10 task HVPs)")
     p.add_argument("--baseline_reps", type=int, default=2)
+    p.add_argument("--hvp", action="store_true", help="also time one HVP of the retain loss")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "restore_cost.md")
     args, rest = p.parse_known_args(argv)
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = safety_bench.Bench(bench_args)
     load_before = benchlib.load_average()
     adapter, _ = bench.sft(args.seed)  # 1. the fine-tune (cached by the safety benchmark)
-    baseline = baseline_seconds(bench, adapter, args.baseline_reps)  # 2. the baseline
+    baseline = baseline_seconds(bench, adapter, args.baseline_reps, args.hvp)  # 2. the baseline
     results = [run_variant(bench, adapter, v, args.cg_steps) for v in variants]  # 3. the variants
     best = min((r for r in results if r["restored"]), key=lambda r: r["wall_s"], default=None)
     verdict = (f"Fastest restoring variant: {best['variant']}, {best['wall_s']:.0f} s: "

@@ -37,7 +37,8 @@ def bench(tiny_world, tmp_path_factory):
 
 def test_baseline_variants_and_report(bench):
     b, adapter = bench
-    base = rc.baseline_seconds(b, adapter, reps=2)
+    base = rc.baseline_seconds(b, adapter, reps=2, hvp=True)
+    assert base["retain_hvp_s"] > 0
     assert base["harmful_pairs"] == 32 and base["retain_pairs"] == 32
     assert 0 < base["tokens"] <= base["padded_tokens"] and base["fwd_bwd_s"] == min(base["fwd_bwd_all_s"]) > 0
     results = [rc.run_variant(b, adapter, name, cg_steps=1) for name in ("fisher", "first_order", "cg")]
@@ -52,6 +53,7 @@ def test_baseline_variants_and_report(bench):
     report = {"date": "d", "machine": "m", "threads": 1, "command": "c", "load_before": "0", "seed": 42,
               "batch_size": 8, "max_length": 64, "baseline": base, "variants": results, "verdict": "v"}
     text = rc.render(report)
+    assert "one Hessian-vector product of the retain loss" in text
     for r in results:
         assert f"| {r['wall_s'] / base['fwd_bwd_s']:.1f}x |" in text
     assert text.count("\n| ") == 1 + len(results) and text.count("\n|---") == 1  # header, rule, a row each
