@@ -8,12 +8,17 @@ Every speed or memory figure is reported as a ratio against a baseline measured 
 
 1. **Penalty micro-benchmark** at Llama-2-7B module shape (``d = 4096``, ``r = 8``, float32, CPU): the dense
    published form (``C = V V^T / ||V||_F`` materialised, ``loss = ||(I - C) @ (B @ A)||_F^2``) against
-   ``asft_penalty`` (full ``V``), ``subspace_penalty`` (``k = 256``) and ``lowrank_penalty`` (the Safe LoRA ``C``
-   kept as its top-``k`` eigenpairs). Forward+backward median time, bytes stored, and the peak resident-memory
-   increase of one forward+backward, each variant in its own subprocess.
+   ``asft_penalty`` (full ``V``), ``subspace_penalty`` (``k = 256``), ``lowrank_penalty`` (the Safe LoRA ``C``
+   kept as its top-``k`` eigenpairs) and ``inside_energy`` (the ``inside`` anchor's term ``||U_k U_k^T B A||_F^2``
+   with ``k = 32``, what ``ModuleDirection.inside_energy`` computes). Forward+backward median time, bytes stored,
+   and the peak resident-memory increase of one forward+backward, each variant in its own subprocess; every
+   factored form is checked in float64 against the dense formula of the same quantity.
 2. **Step-time overhead** of :class:`asft_lightning.module.AsFTModule` with ``lam = 1`` against ``lam = 0`` (and
    ``lam = 0`` with the anchor against no direction at all) on a randomly initialised SmolLM2-135M-shaped Llama,
-   full steps (forward, loss, backward, AdamW) on a fixed synthetic batch, interleaved.
+   full steps (forward, loss, backward, AdamW) on a fixed synthetic batch, interleaved. Two ``lam = 1`` variants:
+   the default ``projector`` anchor with the full-``V`` file of section 3, and ``anchor = "inside"`` with a
+   rank-32 subspace file (``extract_direction(..., projector="subspace", rank=32, reference="base")``) of the same
+   checkpoint pair.
 3. **Direction-extraction peak memory** of :func:`asft_lightning.direction.extract_direction` on a multi-shard
    checkpoint pair, against the sum of both checkpoints' sizes.
 
@@ -62,6 +67,12 @@ from benchlib import (
     tensor_bytes,
     write_report,
 )
+
+#: ``k`` of the ``inside`` anchor's basis in both sections (the rebuilt SmolLM2 world's runs use ``--rank 32``).
+INSIDE_RANK = 32
+#: Rank of the synthetic alignment perturbation of every q_proj / v_proj (section 2/3's ``aligned`` checkpoint):
+#: at least ``INSIDE_RANK``, else ``extract_direction`` caps the basis at the direction's numerical rank.
+ALIGN_RANK = 32
 
 
 # ============================================================================ 1. penalty micro-benchmark
@@ -124,7 +135,20 @@ def penalty_fn(variant: str, tensors: dict[str, Any]):
     if variant == "lowrank":
         U, w = tensors["U"], tensors["w"]
         return lambda A, B: R.lowrank_penalty(A, B, U, w)
+    if variant == "inside":
+        # the package's own term: ModuleDirection.inside_energy (anchors inside / harm_subspace) calls it
+        U_in = tensors["U_inside"]
+        return lambda A, B: R.inside_energy(A, B, U_in)
     raise ValueError(variant)
+
+
+def dense_inside_loss(A, B, U):
+    """The ``inside`` anchor's term with the projector materialised: ``||(U U^T) @ (B @ A)||_F^2``.
+
+    The reference the factored :func:`asft_lightning.regularizers.inside_energy` is checked against; builds a
+    ``d_out x d_out`` matrix, so only for checks.
+    """
+    return dense_loss(A, B, U @ U.mT)
 
 
 def fwd_bwd(fn, A, B):
@@ -158,6 +182,8 @@ def worker_penalty(opts: argparse.Namespace) -> dict[str, Any]:
         tensors = {"V": data["V"].clone(), "norm": data["norm"].clone()}
     elif opts.variant == "subspace":
         tensors = {"U": data["U"].clone()}
+    elif opts.variant == "inside":
+        tensors = {"U_inside": data["U_inside"].clone()}
     else:
         tensors = {"U": data["U"].clone(), "w": data["w"].clone()}
     data = None
@@ -229,9 +255,10 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
 
     from asft_lightning import regularizers as R
 
-    d, r, k, spec_kind = opts.dim, 8, opts.rank_k, "exp200"
+    d, r, k, k_in, spec_kind = opts.dim, 8, opts.rank_k, opts.inside_k, "exp200"
     torch.manual_seed(0)
-    res: dict[str, Any] = {"d": d, "r": r, "k": k, "spectrum": "s_i = c * exp(-i / 200), i = 0..d-1"}
+    res: dict[str, Any] = {"d": d, "r": r, "k": k, "k_inside": k_in}
+    res["spectrum"] = "s_i = c * exp(-i / 200), i = 0..d-1"
 
     # --- synthetic direction with a known spectrum: V = U diag(s) W^T, U and W random orthogonal.
     t0 = time.perf_counter()
@@ -255,7 +282,8 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
         from asft_lightning.direction import _top_basis
 
         t0 = time.perf_counter()
-        Uk64, s_svd = _top_basis(V64.float(), k, None)  # what extract_direction does (float64 SVD)
+        # what extract_direction does (float64 SVD); it also returns the right singular vectors, unused here
+        Uk64, _, s_svd = _top_basis(V64.float(), k, None)
         res["svd_time"] = time.perf_counter() - t0
         s_top = s_svd[:k]
         res["svd_sv_rel_err"] = float((s_svd - s).abs().max() / s[0])
@@ -293,6 +321,8 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
         "norm": norm64.to(f32),
         "U": Uk64.to(f32).contiguous(),
         "w": w64.to(f32).contiguous(),
+        # the inside anchor's basis: V's top-k_in left singular vectors (orthonormal columns)
+        "U_inside": Uk64[:, :k_in].to(f32).contiguous(),
     }
     torch.save(inputs, work / "inputs.pt")
     del U_full, W_full, V64
@@ -326,14 +356,27 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
     P64.diagonal().add_(1.0)
     ref_sub = grads(penalty_fn("dense", {"P": P64}), in64, torch.float64)
     del P64
+    # inside_energy computes ||U U^T X||_F as ||U^T X||_F, exact for orthonormal U only; the float32-stored basis
+    # is orthonormal to ~1e-7, so the float64 check runs on its float64 re-orthonormalisation (the same span).
+    U_in64 = in64["U_inside"]
+    eye = torch.eye(U_in64.shape[1], dtype=torch.float64)
+    res["inside_basis_orth_err"] = float((U_in64.mT @ U_in64 - eye).abs().max())
+    U_in64 = in64["U_inside"] = torch.linalg.qr(U_in64)[0]
+    ref_in = grads(lambda A, B: dense_inside_loss(A, B, U_in64), in64, torch.float64)
     energy = float(R.update_energy(in64["A"], in64["B"]))
     checks = {}
-    for variant, ref in (("full", ref_pub), ("lowrank", ref_pub), ("subspace", ref_sub)):
+    references = {
+        "full": ("dense published C", ref_pub),
+        "lowrank": ("dense published C", ref_pub),
+        "subspace": ("dense I - U_k U_k^T", ref_sub),
+        "inside": (f"dense U_k U_k^T, k={k_in}", ref_in),
+    }
+    for variant, (ref_name, ref) in references.items():
         r64 = rel(grads(penalty_fn(variant, in64), in64, torch.float64), ref)
         x32 = grads(penalty_fn(variant, inputs), inputs, torch.float32)
         r32 = rel(x32, ref)
         checks[variant] = {
-            "reference": "dense published C" if ref is ref_pub else "dense I - U_k U_k^T",
+            "reference": ref_name,
             "loss": x32[0],
             "ref_loss": ref[0],
             "loss_rel_64": r64[0],
@@ -346,11 +389,12 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
     res["ba_energy"] = energy
     res["projector_share_pub"] = 1 - ref_pub[0] / energy
     res["projector_share_sub"] = 1 - ref_sub[0] / energy
+    res["inside_share"] = ref_in[0] / energy
     log(f"  numerical checks in {time.perf_counter() - t0:.1f} s")
 
     # --- timing and memory, one subprocess per variant.
     runs = {}
-    for variant in ("dense", "full", "subspace", "lowrank"):
+    for variant in ("dense", "full", "subspace", "lowrank", "inside"):
         t0 = time.perf_counter()
         reps = opts.dense_reps if variant == "dense" else opts.reps
         runs[variant] = run_worker(
@@ -364,7 +408,7 @@ def penalty_section(opts: argparse.Namespace, work: Path, log) -> dict[str, Any]
 
 
 def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, str, bool]]]:
-    d, k = res["d"], res["k"]
+    d, k, k_in = res["d"], res["k"], res["k_inside"]
     runs = res["runs"]
     dense = runs["dense"]
     c_bytes = res["c_bytes"]
@@ -374,6 +418,7 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         "full": "`asft_penalty` (full V + its norm)",
         "subspace": f"`subspace_penalty` (U_k, k={k})",
         "lowrank": f"`lowrank_penalty` (Safe LoRA C as top-{k} eigenpairs)",
+        "inside": f"`inside_energy` (anchor `inside`: U_k U_k^T B A, k={k_in})",
     }
     lines = [
         f"Shape {d} x {d}, r = {res['r']}, float32, CPU. Synthetic direction `V = U diag(s) W^T` with U, W random",
@@ -398,7 +443,7 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         "",
         f"Timing: median over {len(dense['samples'])} samples for dense (1 call each) and {len(runs['full']['samples'])} "
         "samples for the others (each sample the mean of enough calls to last >= 0.2 s: "
-        + ", ".join(f"{v} {runs[v]['inner']}" for v in ("full", "subspace", "lowrank"))
+        + ", ".join(f"{v} {runs[v]['inner']}" for v in ("full", "subspace", "lowrank", "inside"))
         + "), after one warm-up call; each form runs in its own fresh subprocess.",
         "Inside the full form (`asft_penalty`), medians of single products with the same V: "
         + ", ".join(f"{name} {fmt_time(t)}" for name, t in runs["full"]["kernels"].items())
@@ -414,7 +459,8 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         )
         + " Resolution is one 4 KiB page; the stored tensors are counted separately in the 'stored' column.",
         "'stored' counts the tensors each penalty function is given (dense: `I - C`; full: V and ||V||_F; "
-        "subspace: U_k; low-rank Safe LoRA: U_k and its k eigenvalues). A `ModuleDirection` also keeps the 4-byte "
+        f"subspace: U_k; low-rank Safe LoRA: U_k and its k eigenvalues; inside: U_k with k={k_in}). A "
+        "`ModuleDirection` also keeps the 4-byte "
         "||V||_F scalar for every form.",
         "",
         f"Truncation of the Safe LoRA `C` at k = {k} (relative Frobenius error `||C - C_k||_F / ||C||_F`): "
@@ -438,7 +484,11 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         ),
         "",
         f"`||B A||_F^2` = {res['ba_energy']:.6g}; the published C removes {100 * res['projector_share_pub']:.1f}% of it "
-        f"and `I - U_k U_k^T` removes {100 * res['projector_share_sub']:.1f}%, so the checks are not vacuous. "
+        f"and `I - U_k U_k^T` removes {100 * res['projector_share_sub']:.1f}%; {100 * res['inside_share']:.1f}% of "
+        f"it lies inside the top-{k_in} subspace (the `inside` term), so the checks are not vacuous. "
+        f"`inside_energy` evaluates `||U_k U_k^T B A||_F` as `||U_k^T B A||_F`, exact for orthonormal `U_k` only: "
+        f"the float32 basis has `max|U_k^T U_k - I|` = {res['inside_basis_orth_err']:.1e}, so its float64 row uses "
+        "the basis re-orthonormalised in float64 (QR, same span) and its float32 row the float32 basis as timed. "
         f"Side finding: the same dense penalty written with `torch.linalg.matrix_norm(...)**2` in float32 is off by "
         f"{res['matrix_norm32_rel']:.1e} (relative) on this build, hence `square().sum()` in the timed dense form.",
     ]
@@ -458,10 +508,17 @@ def penalty_report(res: dict[str, Any]) -> tuple[list[str], list[tuple[str, str,
         targets.append(
             (f"`{v}_penalty` k={k} storage / C", "<= 1/16 = 0.0625", f"{frac:.6f}", frac <= 1 / 16)
         )
+    sp = dense["median"] / runs["inside"]["median"]
+    targets.append(
+        (f"`inside_energy` (anchor inside) k={k_in} speedup vs dense", ">= 100x", f"{sp:.0f}x", sp >= 100)
+    )
     c = res["checks"]
-    for v, what in (("full", "full form"), ("subspace", "subspace form")):
+    for v, what, ref in (
+        ("full", "full form", "dense published C"),
+        ("subspace", "subspace form", "dense `I - U_k U_k^T`"),
+        ("inside", "inside form", f"dense `U_k U_k^T`, k={k_in}"),
+    ):
         worst = max(c[v]["loss_rel_64"], c[v]["grad_rel_64"])
-        ref = "dense published C" if v == "full" else "dense `I - U_k U_k^T`"
         targets.append((f"{what} equals {ref} (float64)", "rel. diff < 1e-10", f"{worst:.1e}", worst < 1e-10))
     lr = max(c["lowrank"]["loss_rel_64"], c["lowrank"]["grad_rel_64"])
     targets.append(
@@ -485,7 +542,7 @@ def _spec_name(kind: str) -> str:
 
 # ======================================================================= 2./3. SmolLM2-shaped model world
 def build_checkpoints(work: Path, opts: argparse.Namespace, log) -> dict[str, Any]:
-    """Random SmolLM2-135M-shaped Llama (``base``) and an ``aligned`` copy with low-rank q/v perturbations."""
+    """Random SmolLM2-135M-shaped Llama (``base``) and an ``aligned`` copy with rank-``ALIGN_RANK`` q/v updates."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -503,9 +560,8 @@ def build_checkpoints(work: Path, opts: argparse.Namespace, log) -> dict[str, An
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("q_proj.weight", "v_proj.weight")):
-                rank = 16
-                left = torch.randn(p.shape[0], rank, generator=gen)
-                right = torch.randn(rank, p.shape[1], generator=gen)
+                left = torch.randn(p.shape[0], ALIGN_RANK, generator=gen)
+                right = torch.randn(ALIGN_RANK, p.shape[1], generator=gen)
                 delta = left @ right
                 p.add_(delta * (0.05 * torch.linalg.vector_norm(p) / torch.linalg.vector_norm(delta)))
     model.save_pretrained(aligned, max_shard_size=opts.shard_size)
@@ -548,6 +604,31 @@ def extraction_section(world: dict[str, Any], work: Path, opts: argparse.Namespa
     }
 
 
+def inside_direction(world: dict[str, Any], work: Path, log) -> dict[str, Any]:
+    """The ``inside`` anchor's direction file for section 2: a base-reference subspace basis of the world's pair.
+
+    What ``asft direction --projector subspace --rank INSIDE_RANK --reference base`` writes, made in-process
+    (section 3 measures the extraction's memory; this file only feeds the step benchmark).
+    """
+    from asft_lightning.direction import extract_direction
+
+    out_file = work / "direction_inside.safetensors"
+    t0 = time.perf_counter()
+    ds = extract_direction(
+        world["aligned"],
+        world["base"],
+        str(out_file),
+        projector="subspace",
+        rank=INSIDE_RANK,
+        reference="base",
+        dtype="float32",
+        hash_inputs=False,
+    )
+    ranks = sorted({md.basis.shape[1] for md in ds.modules.values()})
+    log(f"  inside direction (subspace, rank {INSIDE_RANK}, kept k {ranks}): {time.perf_counter() - t0:.1f} s")
+    return {"file": str(out_file), "kept_ranks": ranks, "modules": len(ds.modules)}
+
+
 def extraction_report(
     world: dict[str, Any], res: dict[str, Any]
 ) -> tuple[list[str], list[tuple[str, str, str, bool]]]:
@@ -558,8 +639,8 @@ def extraction_report(
     lines = [
         f"Checkpoint pair: random SmolLM2-135M-shaped Llama ({world['params'] / 1e6:.1f} M parameters, "
         f"{world['layers']} layers, float32) saved with `save_pretrained(max_shard_size=...)`: base "
-        f"{fmt_bytes(world['base_bytes'])} in {world['base_shards']} shards, aligned copy (rank-16 perturbation of "
-        f"every q_proj/v_proj, 5% of the weight's norm) {fmt_bytes(world['aligned_bytes'])} in "
+        f"{fmt_bytes(world['base_bytes'])} in {world['base_shards']} shards, aligned copy (rank-{ALIGN_RANK} "
+        f"perturbation of every q_proj/v_proj, 5% of the weight's norm) {fmt_bytes(world['aligned_bytes'])} in "
         f"{world['aligned_shards']} shards.",
         f"`extract_direction(aligned, base, projector='safelora', dtype='float32')` (default `hash_inputs=True`, "
         f"`spectrum_size=8`) wrote {ext['modules']} modules, {fmt_bytes(res['direction_bytes'])}, in "
@@ -594,7 +675,18 @@ def extraction_report(
 
 
 # ==================================================================================== 2. step overhead
-def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Namespace, log) -> dict[str, Any]:
+def step_section(
+    world: dict[str, Any], direction_file: str, inside_file: str, opts: argparse.Namespace, log
+) -> dict[str, Any]:
+    """Interleaved full training steps of four ``AsFTModule`` variants on the same batch.
+
+    Args:
+        world: the checkpoint pair from :func:`build_checkpoints`.
+        direction_file: the full-``V`` file of section 3 (default ``projector`` anchor, ``lam`` 1 and 0).
+        inside_file: the base-reference subspace file of :func:`inside_direction` (``anchor="inside"``, ``lam`` 1).
+        opts: the run's sizes (``batch``, ``seq``, ``step_reps``, ``step_warmup``, ``profile``).
+        log: progress printer.
+    """
     import torch
 
     from asft_lightning.module import AsFTModule
@@ -603,6 +695,7 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
     t0 = time.perf_counter()
     variants = {
         "lam1": dict(direction=direction_file, lam=1.0),
+        "inside": dict(direction=inside_file, lam=1.0, anchor="inside"),
         "lam0": dict(direction=direction_file, lam=0.0),
         "none": dict(direction=None, lam=0.0),
     }
@@ -614,7 +707,7 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
         m.train()
         mods[key] = m
         opts_[key] = m.configure_optimizers()
-    log(f"  loaded 3 modules in {time.perf_counter() - t0:.1f} s")
+    log(f"  loaded {len(mods)} modules in {time.perf_counter() - t0:.1f} s")
 
     gen = torch.Generator().manual_seed(3)
     bsz, seq = opts.batch, opts.seq
@@ -632,11 +725,13 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
 
     t0 = time.perf_counter()
     times, cpu = interleaved({key: (lambda key=key: step(key)) for key in variants}, opts.step_reps, opts.step_warmup)
-    log(f"  {opts.step_reps} interleaved reps x 3 variants in {time.perf_counter() - t0:.1f} s")
+    log(f"  {opts.step_reps} interleaved reps x {len(variants)} variants in {time.perf_counter() - t0:.1f} s")
     with torch.no_grad():
         final = mods["lam1"]._step(batch, with_grad=False)
+        final_inside = mods["inside"]._step(batch, with_grad=False)
     isolated = {
         "with_grad": median_time(lambda: anchor_work(mods["lam1"], True), 9),
+        "inside_with_grad": median_time(lambda: anchor_work(mods["inside"], True), 9),
         "value_only": median_time(lambda: anchor_work(mods["lam0"], False), 9),
     }
     trainable = sum(p.numel() for p in mods["lam1"].parameters() if p.requires_grad)
@@ -645,21 +740,18 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
         "seq": seq,
         "times": times,
         "median": {k: statistics.median(v) for k, v in times.items()},
-        "paired_lam1_lam0": statistics.median(
-            a / b for a, b in zip(times["lam1"], times["lam0"], strict=True)
-        ),
-        "paired_lam0_none": statistics.median(
-            a / b for a, b in zip(times["lam0"], times["none"], strict=True)
-        ),
-        "paired_lam1_none": statistics.median(
-            a / b for a, b in zip(times["lam1"], times["none"], strict=True)
-        ),
+        "paired_lam1_lam0": paired_ratio(times, "lam1", "lam0"),
+        "paired_lam0_none": paired_ratio(times, "lam0", "none"),
+        "paired_lam1_none": paired_ratio(times, "lam1", "none"),
+        "paired_inside_lam0": paired_ratio(times, "inside", "lam0"),
+        "paired_inside_none": paired_ratio(times, "inside", "none"),
         "min": {k: min(v) for k, v in times.items()},
         "cpu": cpu,
         "cpu_median": {k: statistics.median(v) for k, v in cpu.items()},
         "isolated": isolated,
         "final_penalty": float(final.get("penalty", float("nan"))),
         "final_drift": float(final.get("drift_ratio", float("nan"))),
+        "final_penalty_inside": float(final_inside.get("penalty", float("nan"))),
         "lora_modules": len(mods["lam1"].anchor.layers) if mods["lam1"].anchor else 0,
         "trainable": trainable,
         "modules": mods,
@@ -669,11 +761,17 @@ def step_section(world: dict[str, Any], direction_file: str, opts: argparse.Name
     return res
 
 
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over the interleaved repeats of ``times[num][i] / times[den][i]`` (same rotation, same moment)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
 def anchor_work(module, with_grad: bool) -> None:
     """What the anchor's forward hooks compute for one step, for every LoRA layer, outside the model.
 
     Mirrors ``LoraAnchor._make_hook``: the penalty on detached factors, its gradient when ``lam > 0``, and the
-    update energy for the drift statistics. Uses the anchor's own (private) placed directions.
+    drift statistics (the update energy, and for anchors other than ``projector`` / ``normalized`` the file's own
+    ``||(I - C) B A||^2``). Uses the anchor's own (private) placed directions.
     """
     import torch
 
@@ -692,14 +790,16 @@ def anchor_work(module, with_grad: bool) -> None:
                 torch.autograd.grad(raw, (a, b))
         with torch.no_grad():
             update_energy(a.detach(), b.detach())
+            if anchor.anchor not in ("projector", "normalized"):
+                md.penalty(a.detach(), b.detach())
 
 
 def profile_steps(mods, optims, batch) -> dict[str, str]:
-    """torch.profiler tables (self CPU time) of one lam=1 and one lam=0 step."""
+    """torch.profiler tables (self CPU time) of one lam=1 (projector and inside) and one lam=0 step."""
     from torch.profiler import ProfilerActivity, profile
 
     tables = {}
-    for key in ("lam1", "lam0"):
+    for key in ("lam1", "inside", "lam0"):
         m, o = mods[key], optims[key]
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             o.zero_grad(set_to_none=True)
@@ -715,14 +815,20 @@ def step_report(
     med, mn, iso, cm = res["median"], res["min"], res["isolated"], res["cpu_median"]
     r10 = med["lam1"] / med["lam0"]
     r0n = med["lam0"] / med["none"]
+    ri0 = med["inside"] / med["lam0"]
+    rin = med["inside"] / med["none"]
+    ci0 = cm["inside"] / cm["lam0"]
     lines = [
         f"Random SmolLM2-135M-shaped Llama ({world['params'] / 1e6:.1f} M parameters, {world['layers']} layers, "
         "float32, default attention) loaded by `AsFTModule.configure_model()` from the sharded checkpoint; LoRA "
         f"r=8, alpha=32, dropout 0.05 on q_proj/v_proj ({res['lora_modules']} layers, {res['trainable']} trainable "
-        f"parameters); direction file from section 3 (full V, float32). Batch {res['batch']} x {res['seq']} random "
+        f"parameters); direction file from section 3 (full V, float32) for the default `projector` anchor; for "
+        "`anchor='inside'` a subspace file from the same pair (`extract_direction(aligned, base, "
+        f"projector='subspace', rank={INSIDE_RANK}, reference='base')`, k = "
+        f"{'/'.join(str(k) for k in res['inside_ranks'])}, float32). Batch {res['batch']} x {res['seq']} random "
         "tokens, loss on the second half. One step = `zero_grad` + `module._step(batch, with_grad=True)` + "
-        "`loss.backward()` + `AdamW.step()`, no Trainer, module in train mode. The three modules are stepped in "
-        f"rotating interleaved order, {len(res['times']['lam1'])} steps each after warm-up.",
+        f"`loss.backward()` + `AdamW.step()`, no Trainer, module in train mode. The {len(res['times'])} modules are "
+        f"stepped in rotating interleaved order, {len(res['times']['lam1'])} steps each after warm-up.",
         "",
         *table(
             ["variant", "median step", "fastest step", "ratio of medians", "median of paired ratios", "ratio of fastest"],
@@ -733,24 +839,34 @@ def step_report(
              ["**anchor, `lam=1`, vs `lam=0`**", fmt_time(med["lam1"]), fmt_time(mn["lam1"]), f"**{r10:.4f}**",
               f"{res['paired_lam1_lam0']:.4f}", f"{mn['lam1'] / mn['lam0']:.4f}"],
              ["anchor, `lam=1`, vs no direction", "", "", f"{med['lam1'] / med['none']:.4f}",
-              f"{res['paired_lam1_none']:.4f}", f"{mn['lam1'] / mn['none']:.4f}"]],
+              f"{res['paired_lam1_none']:.4f}", f"{mn['lam1'] / mn['none']:.4f}"],
+             [f"**anchor=inside (k={INSIDE_RANK}), `lam=1`, vs `lam=0`**", fmt_time(med["inside"]),
+              fmt_time(mn["inside"]), f"**{ri0:.4f}**", f"{res['paired_inside_lam0']:.4f}",
+              f"{mn['inside'] / mn['lam0']:.4f}"],
+             ["anchor=inside, `lam=1`, vs no direction (plain LoRA)", "", "", f"{rin:.4f}",
+              f"{res['paired_inside_none']:.4f}", f"{mn['inside'] / mn['none']:.4f}"]],
         ),
         "",
         "The anchor's own work, timed alone (all its per-layer computations for one step, outside the model, "
         f"median of 9): with gradients (lam > 0) {fmt_time(iso['with_grad'])} = "
-        f"{100 * iso['with_grad'] / med['lam0']:.2f}% of the median lam=0 step; value and drift only (lam = 0) "
+        f"{100 * iso['with_grad'] / med['lam0']:.2f}% of the median lam=0 step; anchor=inside with gradients "
+        f"{fmt_time(iso['inside_with_grad'])} = {100 * iso['inside_with_grad'] / med['lam0']:.2f}%; value and drift "
+        "only (lam = 0) "
         f"{fmt_time(iso['value_only'])} = {100 * iso['value_only'] / med['none']:.2f}% of the median no-direction step.",
         "",
         "CPU time of the process per step (`time.process_time()`; with one intra-op thread this is the work done, "
         "and is far less affected by other processes than wall-clock time): median no direction "
-        f"{fmt_time(cm['none'])}, lam=0 {fmt_time(cm['lam0'])}, lam=1 {fmt_time(cm['lam1'])}; "
-        f"**lam=1 / lam=0 = {cm['lam1'] / cm['lam0']:.4f}**, lam=0 / no direction = {cm['lam0'] / cm['none']:.4f}.",
+        f"{fmt_time(cm['none'])}, lam=0 {fmt_time(cm['lam0'])}, lam=1 {fmt_time(cm['lam1'])}, anchor=inside lam=1 "
+        f"{fmt_time(cm['inside'])}; **lam=1 / lam=0 = {cm['lam1'] / cm['lam0']:.4f}**, **inside / lam=0 = "
+        f"{ci0:.4f}**, inside / no direction = {cm['inside'] / cm['none']:.4f}, lam=0 / no direction = "
+        f"{cm['lam0'] / cm['none']:.4f}.",
         "",
         "Per-step wall-clock samples (s): "
         + "; ".join(f"{k}: " + ", ".join(f"{t:.3f}" for t in v) for k, v in res["times"].items()),
         "",
         f"Penalty after the timed steps (lam=1 module): {res['final_penalty']:.4g}, drift ratio "
-        f"{res['final_drift']:.4f} (non-zero: the factors moved, so the penalty path did real work).",
+        f"{res['final_drift']:.4f} (non-zero: the factors moved, so the penalty path did real work); anchor=inside "
+        f"module: penalty {res['final_penalty_inside']:.4g}.",
     ]
     return lines, [
         (
@@ -764,6 +880,24 @@ def step_report(
             "<= 1.05",
             f"{cm['lam1'] / cm['lam0']:.4f}",
             cm["lam1"] / cm["lam0"] <= 1.05,
+        ),
+        (
+            "AsFTModule step time anchor=inside lam=1 / lam=0 (wall clock, ratio of medians)",
+            "<= 1.05",
+            f"{ri0:.4f}",
+            ri0 <= 1.05,
+        ),
+        (
+            "AsFTModule step CPU time anchor=inside lam=1 / lam=0 (ratio of medians)",
+            "<= 1.05",
+            f"{ci0:.4f}",
+            ci0 <= 1.05,
+        ),
+        (
+            "AsFTModule step time anchor=inside lam=1 / no direction (plain LoRA)",
+            "(reported; no target)",
+            f"{rin:.4f}",
+            True,
         ),
         (
             "AsFTModule step time lam=0 with anchor / no direction",
@@ -789,7 +923,9 @@ def main(argv: list[str] | None = None) -> int:
         "operations swing several-fold whenever another process runs)",
     )
     p.add_argument("--workdir", help="scratch directory (default: a temporary one, removed afterwards)")
-    p.add_argument("--profile", action="store_true", help="also profile one lam=1 and one lam=0 step")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile one lam=1 (projector, inside) and one lam=0 step"
+    )
     p.add_argument("--skip", default="", help="comma list of sections to skip: penalty,step")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -809,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Sizes of the run.
-    opts.dim, opts.rank_k = 4096, 256
+    opts.dim, opts.rank_k, opts.inside_k = 4096, 256, INSIDE_RANK
     opts.dense_reps = 2 if opts.quick else 5
     opts.reps = 3 if opts.quick else 7
     opts.layers = None
@@ -844,8 +980,10 @@ def main(argv: list[str] | None = None) -> int:
             log("3. checkpoints + direction extraction")
             world = build_checkpoints(work, opts, log)
             ext = extraction_section(world, work, opts, log)
+            inside = inside_direction(world, work, log)
             log("2. step-time overhead")
-            step = step_section(world, ext["direction_file"], opts, log)
+            step = step_section(world, ext["direction_file"], inside["file"], opts, log)
+            step["inside_ranks"] = inside["kept_ranks"]
             lines, t = step_report(step, world)
             sections += ["## 2. Training-step overhead of AsFTModule", "", *lines, ""]
             targets += t
