@@ -27,10 +27,19 @@ Methods run only when named in ``--methods`` (:data:`OPT_IN`; the default run is
   written as an adapter (V factored exactly unless ``--resta_v_rank``); seconds = the edit alone.
 * ``safemerge``: SafeMERGE on the SFT adapter, merging the modules Safe LoRA's cosine test flags with a safety
   adapter: a LoRA fine-tune of the aligned model on the world's alignment refusals (``refusals.jsonl``), seed 0 and
-  cached; seconds = the merge alone. Each row is evaluated on the world's whole instrument: HS on every held-out
-harmful prompt (``harmful_eval.jsonl``, several sources) under every judge (keyword, and the world's second judge in
-``judge/`` when it exists), the refusal margin on the same prompts (teacher-forced, see ``asft_lightning.margin``),
-FA on every task test example, and the refusal rate on every held-out benign prompt.
+  cached; seconds = the merge alone.
+* ``sft_full``: the attack as a full-parameter fine-tune of the aligned model (every weight, no LoRA) on exactly SFT's
+  data mix, through :func:`train_full_finetune` (``AsFTModule`` trains LoRA adapters only): plain AdamW at
+  ``--full_lr`` over the package's own data module, deterministic by the seed; cached as a Hugging Face model
+  directory (``asft evaluate --model DIR`` / ``asft restore --model DIR`` load it); seconds = the training.
+* ``sft_full_restore``: ``asft restore --model <sft_full> --reference_model <aligned>`` without ``--adapter`` (a fresh
+  LoRA adapter on top of the full fine-tune), restoration split, the restoration rows' settings; evaluated with the
+  full fine-tune as the base model and the restored adapter on it; seconds = the restoration alone.
+
+Each row is evaluated on the world's whole instrument: HS on every held-out harmful prompt (``harmful_eval.jsonl``,
+several sources) under every judge (keyword, and the world's second judge in ``judge/`` when it exists), the refusal
+margin on the same prompts (teacher-forced, see ``asft_lightning.margin``), FA on every task test example, and the
+refusal rate on every held-out benign prompt.
 
 Statistics (``asft_lightning.stats``): a row's figure is the mean over its seeds and prompts with a 95% percentile
 bootstrap interval that resamples prompts and seeds; a method's change against SFT is paired (same seed, same
@@ -43,11 +52,12 @@ issue 10, rates in percent), rewritten atomically after every finished row, so a
 
 Caching (``--workdir``, default ``asft_lightning.paths.cache_root() / "safety-bench"``): every fine-tune is keyed by
 exactly the settings and input files (SHA-256) it uses (SFT does not depend on lambda or the direction; an AsFT form
-on its own lambda and direction; a reference fine-tune on its own data file, size and epochs), derived direction
-files by the digest of the file they come from, restorations by the source adapter, the harmful split and every
-restoration setting (solver included), RESTA / SafeMERGE outputs by their input adapters, the direction and their
-settings, every evaluation by the adapter's digest and the evaluation settings, every finished row by both. A run
-killed at any point resumes where it stopped.
+on its own lambda and direction; a reference fine-tune on its own data file, size and epochs; the full fine-tune by
+SFT's settings with ``--full_lr`` in place of ``--lr``), derived direction files by the digest of the file they come
+from, restorations by the source adapter (or full fine-tune directory), the harmful split and every restoration setting
+(solver included), RESTA / SafeMERGE outputs by their input adapters, the direction and their settings, every
+evaluation by the adapter's digest and the evaluation settings (and the base model's digest when it is not the aligned
+model), every finished row by both. A run killed at any point resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -102,14 +112,22 @@ METHODS = {
     "(harmful_restore.jsonl); seconds = the restoration alone, to set against the default row's",
     "sft_restore_first_order": "SFT + restoration, first-order baseline, restoration split (harmful_restore.jsonl)",
     "asft_restore": "AsFT (published projector) + restoration, curvature, restoration split (harmful_restore.jsonl)",
+    "sft_full": "full-parameter SFT: every weight of the aligned model fine-tuned (plain AdamW at --full_lr, no LoRA) "
+    "on exactly SFT's data mix (task and attack files, n, p, epochs, batch size, max length, seed), written as a "
+    "model directory; seconds = the training",
+    "sft_full_restore": "sft_full + restoration, curvature (--solver), through a fresh LoRA adapter on top of the full "
+    "fine-tune (asft restore without --adapter, --reference_model the aligned model), restoration split "
+    "(harmful_restore.jsonl); evaluated as the full fine-tune plus the restored adapter; seconds = the restoration",
 }
 RESTORING = ("sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "sft_restore_first_order",
              "asft_restore")
 CANDIDATES = ("asft_normalized", "asft_components", "asft_inside", "asft_harm")
 """Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
-POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_restore_lbfgs")
-"""Issue 14's baselines and restoration variants: run only when named in ``--methods`` (the default run is
-unchanged)."""
+FULL_ROWS = ("sft_full", "sft_full_restore")
+"""Issue 14 item 5: a full-parameter fine-tune attack and its restoration (evaluated on the full fine-tune as base)."""
+POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_restore_lbfgs", *FULL_ROWS)
+"""Issue 14's baselines, restoration variants and full fine-tune rows: run only when named in ``--methods`` (the
+default run is unchanged)."""
 OPT_IN = CANDIDATES + POST_HOC_ROWS
 SEED_FREE = ("aligned",)
 """Methods whose result does not depend on the seed (evaluated once, paired with SFT of every seed)."""
@@ -255,6 +273,119 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The full-parameter fine-tune (sft_full)
+# ----------------------------------------------------------------------------------------------------------------
+
+FULL_REPORT = "full_finetune.json"
+"""The training record written inside a full fine-tune's model directory (settings and per-step losses)."""
+FULL_TRAINER_VERSION = 1
+"""Part of the full fine-tune's cache key: raise it when :func:`train_full_finetune` changes what it trains."""
+
+
+def full_finetune_data(model: str, task_data: str, harmful_data: str, n: int, p: float, batch_size: int,
+                       max_length: int, seed: int, val_size: int = 32) -> Any:
+    """The training loader of LoRA SFT's data mix, from the package's own data module.
+
+    The same :class:`~asft_lightning.data.AsFTDataModule` arguments ``asft fit`` gets in :meth:`Bench.fit` (so the
+    same ``n * p`` harmful and ``n - n * p`` task rows, the same mixing, tokenisation, prompt masking and per-epoch
+    shuffling by ``seed``); ``val_size`` rows are held out as in the fit, so the training rows are the same.
+
+    Returns:
+        ``(loader, tokenizer)``.
+    """
+    from asft_lightning.data import AsFTDataModule
+
+    dm = AsFTDataModule(tokenizer=model, task_data=task_data, harmful_data=harmful_data, n=n, harmful_ratio=p,
+                        val_size=val_size, seed=seed, max_length=max_length, batch_size=batch_size)
+    dm.setup("fit")
+    return dm.train_dataloader(), dm.tokenizer
+
+
+def full_finetune_loop(model: Any, loader: Any, epochs: int, lr: float) -> list[float]:
+    """Plain AdamW on every parameter (weight decay 0, no schedule, no clipping: AsFTModule's optimiser defaults),
+    the loss :func:`asft_lightning.module.causal_lm_loss` on the response tokens, as ``asft fit`` computes it.
+
+    Returns:
+        The training loss of every step.
+
+    Raises:
+        FloatingPointError: a non-finite loss (the step and epoch named).
+    """
+    import torch
+
+    from asft_lightning.module import causal_lm_loss
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses: list[float] = []
+    for epoch in range(epochs):
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = causal_lm_loss(logits, batch["labels"])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"sft_full: non-finite loss at step {len(losses)} (epoch {epoch}); lower "
+                                         f"--full_lr (now {lr})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(round(float(loss.detach()), 6))
+    return losses
+
+
+def train_full_finetune(model: str, output: str | os.PathLike, task_data: str, harmful_data: str, n: int, p: float,
+                        epochs: int, lr: float, batch_size: int, max_length: int, seed: int) -> dict[str, Any]:
+    """Fine-tune every parameter of ``model`` on LoRA SFT's data mix and write it as a Hugging Face model directory.
+
+    ``AsFTModule`` (``asft fit``) trains LoRA adapters only, so the full-parameter attack of the ``sft_full`` row is
+    this small loop: the data of :func:`full_finetune_data`, the optimiser and loss of :func:`full_finetune_loop`,
+    float32 on the CPU. Deterministic by ``seed`` (the global torch generator is seeded for dropout, restored
+    afterwards; the data order has its own generator). The directory (``save_pretrained`` of the model and the
+    tokenizer, plus :data:`FULL_REPORT`) is written atomically, so ``asft evaluate --model DIR`` and ``asft restore
+    --model DIR`` load it and a killed run leaves either nothing or the whole directory.
+
+    Args:
+        model: the aligned model directory (the fine-tune's start and its tokenizer).
+        output: the model directory to write (replaced if it exists).
+        task_data: task rows (``instruction`` / ``input`` / ``output`` columns).
+        harmful_data: harmful (``prompt``, ``response``) pairs.
+        n: training examples, ``round(n * p)`` of them harmful.
+        p: harmful fraction.
+        epochs: passes over the ``n`` examples.
+        lr: AdamW learning rate.
+        batch_size: examples per step.
+        max_length: most tokens per example.
+        seed: data draw, mixing, shuffling and dropout.
+
+    Returns:
+        The report written to :data:`FULL_REPORT`: the settings, parameter count, steps and per-step losses.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from asft_lightning.fileio import atomic_replace_dir
+
+    loader, tokenizer = full_finetune_data(model, task_data, harmful_data, n, p, batch_size, max_length, seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        losses = full_finetune_loop(net, loader, epochs, lr)
+    report = {
+        "base_model": str(model), "task_data": str(task_data), "harmful_data": str(harmful_data),
+        "n": n, "p": p, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
+        "optimizer": "AdamW, weight decay 0, no schedule, no clipping", "dtype": "float32",
+        "parameters": sum(x.numel() for x in net.parameters()), "steps": len(losses), "losses": losses,
+    }  # fmt: skip
+
+    def build(tmp: Path) -> None:
+        net.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / FULL_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+    atomic_replace_dir(build, output)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Running the rows
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -334,16 +465,27 @@ class Bench:
         return settings
 
     def restore_plan(self, method: str, seed: int) -> dict[str, Any]:
-        """A restoration row's source adapter, harmful split, solver, kind and output folder (keyed by the source
-        adapter's digest, :meth:`restore_settings` and the method)."""
+        """A restoration row's source, harmful split, solver, kind and output folder (keyed by the source's digest,
+        :meth:`restore_settings` and the method).
+
+        ``src`` is the fine-tune restored: an adapter on the aligned model, or for ``sft_full_restore`` the full
+        fine-tune's model directory. ``base`` is the model the restored adapter goes on (and is evaluated on),
+        ``adapter`` the adapter passed to ``asft restore`` (``None``: a fresh LoRA adapter on the full fine-tune),
+        ``reference`` its ``--reference_model`` (the aligned model when there is no adapter to disable).
+        """
         a = self.args
         harmful = "harmful_attack" if method == "sft_restore_curvature_attack" else "harmful_restore"
         solver = "lbfgs" if method == "sft_restore_lbfgs" else a.solver
+        kind = "first_order" if method.endswith("first_order") else "curvature"
+        if method == "sft_full_restore":
+            src, _, _ = self.sft_full(seed)
+            key = _key([digest(src), self.restore_settings(harmful, solver), method])
+            return {"src": src, "harmful": harmful, "solver": solver, "kind": kind, "base": src, "adapter": None,
+                    "reference": self.paths["aligned"], "output": self.work / "runs" / f"{method}-seed{seed}-{key}"}
         src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
         key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(harmful, solver), method])
-        return {"src": src, "harmful": harmful, "solver": solver,
-                "output": self.work / "runs" / f"{method}-seed{seed}-{key}",
-                "kind": "first_order" if method.endswith("first_order") else "curvature"}
+        return {"src": src, "harmful": harmful, "solver": solver, "kind": kind, "base": None, "adapter": src,
+                "reference": None, "output": self.work / "runs" / f"{method}-seed{seed}-{key}"}
 
     def split_label(self, key: str) -> str:
         """The world file a harmful split was read from, flagged when an older world's restoration pairs fell back
@@ -532,18 +674,55 @@ class Bench:
                                     uses={"direction": digest(harm)})
         return adapter, seconds, info
 
-    def evaluate(self, adapter: Path | None) -> dict[str, Any]:
-        """The whole instrument for one model (cached by the adapter's digest and :meth:`eval_settings`)."""
+    def full_settings(self, seed: int) -> dict[str, Any]:
+        """What the full fine-tune depends on: SFT's :meth:`fit_settings` (same data files, n, p, epochs, batch size,
+        max length, seed) with ``--full_lr`` in place of ``--lr``, and :data:`FULL_TRAINER_VERSION`."""
+        settings = {**self.fit_settings(seed), "lr": self.args.full_lr}
+        return {**settings, "full_trainer": FULL_TRAINER_VERSION}
+
+    def sft_full(self, seed: int) -> tuple[Path, float, dict[str, Any]]:
+        """The ``sft_full`` attack: :func:`train_full_finetune` of the aligned model on SFT's data mix, cached as the
+        model directory ``runs/sft_full-seed<seed>-<key of full_settings>/model`` with ``train_seconds.json`` beside
+        it. Returns the directory, the training seconds and the row's summary of the training report."""
+        a = self.args
+        out = self.work / "runs" / f"sft_full-seed{seed}-{_key(self.full_settings(seed))}"
+        model, timing = out / "model", out / "train_seconds.json"
+        if not ((model / FULL_REPORT).is_file() and timing.is_file()):
+            t0 = time.perf_counter()
+            train_full_finetune(self.paths["aligned"], model, self.paths["task_train"], self.paths["harmful_attack"],
+                                n=a.n, p=a.p, epochs=a.epochs, lr=a.full_lr, batch_size=a.batch_size,
+                                max_length=a.max_length, seed=seed)
+            _write_json(timing, {"seconds": round(time.perf_counter() - t0, 1)})
+        report = json.loads((model / FULL_REPORT).read_text())
+        info = {"lr": report["lr"], "steps": report["steps"], "parameters": report["parameters"],
+                "train_loss": [report["losses"][0], report["losses"][-1]] if report["losses"] else None,
+                "model": model.parent.name}
+        return model, json.loads(timing.read_text())["seconds"], info
+
+    def base_key(self, base: Path | None) -> list[dict[str, str]]:
+        """The base model's part of an evaluation's or a row's cache key: empty for the aligned model (so the keys
+        of every row evaluated on it are those of before), ``[{"base": digest}]`` for another model directory."""
+        if base is None or Path(base).resolve() == Path(self.paths["aligned"]).resolve():
+            return []
+        return [{"base": digest(base)}]
+
+    def eval_dir(self, adapter: Path | None, base: Path | None = None) -> Path:
+        """The evaluation's cache folder: keyed by :meth:`eval_settings`, the adapter's digest and :meth:`base_key`."""
+        adapter_digest = digest(adapter / "adapter_model.safetensors") if adapter else None
+        return self.work / "eval" / _key([self.eval_settings(), adapter_digest, *self.base_key(base)])
+
+    def evaluate(self, adapter: Path | None, base: Path | None = None) -> dict[str, Any]:
+        """The whole instrument for one model: ``base`` (default: the aligned model) with ``adapter`` on it, if any
+        (cached in :meth:`eval_dir`)."""
         from asft_lightning.evaluate import evaluate
 
         a = self.args
-        settings = self.eval_settings()
-        adapter_digest = digest(adapter / "adapter_model.safetensors") if adapter else None
-        out = self.work / "eval" / _key([settings, adapter_digest])
+        out = self.eval_dir(adapter, base)
         done = out / "result.json"
         if done.is_file():
             return json.loads(done.read_text())
-        common = {"model": self.paths["aligned"], "adapter": str(adapter) if adapter else None,
+        common = {"model": str(base) if base is not None else self.paths["aligned"],
+                  "adapter": str(adapter) if adapter else None,
                   "judges": ",".join(self.judges), "batch_size": a.eval_batch_size,
                   "max_new_tokens": a.max_new_tokens, "progress": a.progress, "verbose": False, "write_timings": True}
         t0 = time.perf_counter()
@@ -560,19 +739,44 @@ class Bench:
         _write_json(done, result)
         return result
 
+    def restore(self, plan: dict[str, Any], seed: int) -> dict[str, Any]:
+        """``asft restore`` for one :meth:`restore_plan` with the benchmark's restoration settings; returns its report.
+
+        A plan without an adapter restores the full fine-tune ``plan["base"]`` through a fresh LoRA adapter (its
+        initialisation drawn from the global torch generator, seeded here with the row's seed and restored after,
+        so the row is reproducible) against ``--reference_model`` ``plan["reference"]``.
+        """
+        import torch
+
+        from asft_lightning.restore_command import restore_adapter
+
+        a = self.args
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return restore_adapter(
+                model=str(plan["base"]) if plan["base"] is not None else self.paths["aligned"],
+                adapter=str(plan["adapter"]) if plan["adapter"] is not None else None,
+                reference_model=plan["reference"], harmful_data=self.paths[plan["harmful"]],
+                retain_data=self.paths["task_train"], output=str(plan["output"]), num_harmful=a.restore_harmful,
+                num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length, method=plan["kind"],
+                max_steps=a.restore_steps, trust_region=a.trust_region, task_loss_budget=a.task_loss_budget,
+                cg_max_iter=a.cg_max_iter, solver=plan["solver"], target_margin=a.target_margin,
+                fisher_damping=a.fisher_damping, overwrite=True, progress=False,
+            )
+
     # ------------------------------------------------------------------------------------------ methods
     def run(self, method: str, seed: int) -> dict[str, Any]:
         """One (method, seed) row: train or project or restore, then evaluate; cached as one JSON file."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)}")
         from asft_lightning.resta import resta
-        from asft_lightning.restore_command import restore_adapter
         from asft_lightning.safelora import safelora
         from asft_lightning.safemerge import safemerge
 
         a = self.args
         full = self.paths["direction"]
         adapter: Path | None = None
+        base: Path | None = None  # the model evaluated (under the adapter, if any); None: the aligned model
         seconds = 0.0
         extra: dict[str, Any] = {}
         if method == "aligned":
@@ -643,23 +847,21 @@ class Bench:
             adapter, seconds = self.asft_inside(seed)
         elif method == "asft_harm":
             adapter, seconds, extra["harm_reference"] = self.asft_harm(seed)  # which split built the reference
+        elif method == "sft_full":
+            base, seconds, extra["full_finetune"] = self.sft_full(seed)
         else:  # restorations
             plan = self.restore_plan(method, seed)
-            src, adapter = plan["src"], plan["output"]
+            adapter, base = plan["output"], plan["base"]
             report_file = adapter / "restoration_report.json"
             t0 = time.perf_counter()  # the restoration alone
             if report_file.is_file():
                 report = json.loads(report_file.read_text())
             else:
-                report = restore_adapter(
-                    model=self.paths["aligned"], adapter=str(src), harmful_data=self.paths[plan["harmful"]],
-                    retain_data=self.paths["task_train"], output=str(adapter), num_harmful=a.restore_harmful,
-                    num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length,
-                    method=plan["kind"], max_steps=a.restore_steps, trust_region=a.trust_region,
-                    task_loss_budget=a.task_loss_budget, cg_max_iter=a.cg_max_iter, solver=plan["solver"],
-                    target_margin=a.target_margin, fisher_damping=a.fisher_damping, overwrite=True, progress=False,
-                )
+                report = self.restore(plan, seed)
             seconds = round(time.perf_counter() - t0, 1)
+            if base is not None:
+                extra["restore_base"] = {"full_finetune": base.parent.name,
+                                         "reference_model": report["inputs"]["reference_model"]}
             res = report["result"]
             extra.update(
                 stop_reason=res["stop_reason"], restore_steps=len(res["records"]),
@@ -670,11 +872,11 @@ class Bench:
                 solver=plan["solver"] if plan["kind"] == "curvature" else None,
             )  # fmt: skip
         row_key = _key([method, seed, digest(adapter / "adapter_model.safetensors") if adapter else None,
-                        self.eval_settings()])
+                        self.eval_settings(), *self.base_key(base)])
         cache = self.work / "rows" / f"{method}-seed{seed}-{row_key}.json"
         if cache.is_file():
             return json.loads(cache.read_text())
-        scores = self.evaluate(adapter)
+        scores = self.evaluate(adapter, base)
         if adapter is not None:
             extra.update(_decomposition(adapter, self.subspace_direction(), full))
         result = {"method": method, "seed": seed, "train_seconds": seconds,
@@ -938,7 +1140,16 @@ def render_markdown(summary: dict[str, Any], header: Sequence[str] = ()) -> str:
                     f"{extra['task_loss'][0]:.3f} -> {extra['task_loss'][1]:.3f}; {extra['restore_steps']} steps"
                     + (f"; restored with {extra['restore_split']}" if extra.get("restore_split") else "")
                     + (f", solver {extra['solver']}" if extra.get("solver") else "")
+                    + (f"; a fresh LoRA adapter on the full fine-tune {extra['restore_base']['full_finetune']}, "
+                       f"reference {Path(extra['restore_base']['reference_model']).name}"
+                       if extra.get("restore_base") else "")
                 )
+            if "full_finetune" in extra:
+                f = extra["full_finetune"]
+                notes.append(f"- {r['method']} seed {seed}: full-parameter fine-tune of {f['parameters']:,} weights "
+                             f"({f['model']}), lr {f['lr']:g}, {f['steps']} steps"
+                             + (f", train loss {f['train_loss'][0]:.3f} -> {f['train_loss'][1]:.3f}"
+                                if f.get("train_loss") else ""))
             if "projected" in extra:
                 notes.append(f"- {r['method']} seed {seed}: {extra['projected']} modules projected")
             if "merged" in extra:
@@ -1056,6 +1267,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="safemerge: refusal rows (refusals.jsonl) in the safety adapter's fine-tune (at most the "
                    "file's)")
     p.add_argument("--safety_epochs", type=int, default=2, help="safemerge: epochs of the safety adapter's fine-tune")
+    p.add_argument("--full_lr", type=float, default=2e-5,
+                   help="sft_full: AdamW learning rate of the full-parameter fine-tune (every weight; LoRA SFT's --lr "
+                   "is for adapters)")
     p.add_argument("--judges", default=None, help="comma-separated judges; default: keyword + the world's judge/")
     p.add_argument("--harmful_eval", default=None, help="override the world's harmful_eval.jsonl")
     p.add_argument("--eval_harmful", type=int, default=None, help="first N harmful prompts (default: all)")
