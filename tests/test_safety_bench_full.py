@@ -193,7 +193,8 @@ def test_tiny_full_finetune_and_restore_end_to_end(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     bench.restore({**plan, "output": tmp_path / "restored-again"}, 42)
-    first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (plan["output"], tmp_path / "restored-again"))
+    first, second = (load_file(str(d / "adapter_model.safetensors"))
+                     for d in (plan["output"], tmp_path / "restored-again"))
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
     extra = summary["details"]["sft_full_restore"]["extra"]["42"]
     assert extra["restore_base"] == {"full_finetune": model_dir.parent.name, "reference_model": bench.paths["aligned"]}
