@@ -55,6 +55,7 @@ def restore_adapter(
     lora_r: int = 8,
     lora_alpha: float = 32,
     target_modules: list[str] | str = ["q_proj", "v_proj"],  # noqa: B006 (shown in --help)
+    seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
     **restoration: Any,
@@ -97,6 +98,8 @@ def restore_adapter(
         lora_r: rank of the fresh adapter when ``adapter`` is not given.
         lora_alpha: alpha of the fresh adapter.
         target_modules: modules of the fresh adapter.
+        seed: seed of the fresh adapter's random ``lora_A`` initialisation (``lora_B`` starts at zero, so the
+            fresh adapter starts as the full fine-tune itself); fixed so that a re-run restores identically.
         overwrite: replace ``output`` if it exists.
         progress: show a progress bar.
         **restoration: the restoration settings, the fields of :class:`~asft_lightning.restoration.RestorationConfig`
@@ -114,7 +117,7 @@ def restore_adapter(
         "refusal": load_samples(refusal_data, "refusal_data", refusal_prompt_column, refusal_response_column)
         if refusal_data is not None else None,
     }
-    fresh_lora = {"r": lora_r, "lora_alpha": lora_alpha, "target_modules": target_modules}
+    fresh_lora = {"r": lora_r, "lora_alpha": lora_alpha, "target_modules": target_modules, "seed": seed}
     peft_model, tokenizer = _load_fine_tune(model, adapter, gguf_file, getattr(torch, dtype), fresh_lora)
     batches = {name: sample_batches(tokenizer, rows, batch_size, max_length, template, system_prompt) if rows else None
                for name, rows in samples.items()}
@@ -133,7 +136,8 @@ def restore_adapter(
             "num_harmful": len(samples["harmful"]),
             "num_retain": len(samples["retain"]),
         },
-        "settings": {"config": asdict(config), "batch_size": batch_size, "max_length": max_length, "dtype": dtype},
+        "settings": {"config": asdict(config), "batch_size": batch_size, "max_length": max_length, "dtype": dtype,
+                     "fresh_adapter_seed": seed if adapter is None else None},
     }
     _write(peft_model, report, out)
     print(json.dumps(_summary(result, out), indent=2))
@@ -196,7 +200,8 @@ def _load_fine_tune(model: str, adapter: str | None, gguf_file: str | None, dtyp
     """The fine-tune as a trainable PEFT model on the device, and its tokenizer.
 
     With ``adapter``: the base model with that adapter (checked against the base model first). Without: the full
-    fine-tune ``model`` under a fresh LoRA adapter (``fresh_lora``: its ``r``, ``lora_alpha``, ``target_modules``).
+    fine-tune ``model`` under a fresh LoRA adapter (``fresh_lora``: its ``r``, ``lora_alpha``, ``target_modules``,
+    and the ``seed`` of its initialisation).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -215,8 +220,12 @@ def _load_fine_tune(model: str, adapter: str | None, gguf_file: str | None, dtyp
         except Exception as err:
             raise CheckpointError(f"asft restore: adapter {adapter} does not load on {model}: {err}") from err
     else:
-        lora = LoraConfig(**fresh_lora, lora_dropout=0.0, task_type="CAUSAL_LM")
-        peft_model = get_peft_model(base, lora)
+        settings = dict(fresh_lora)
+        seed = settings.pop("seed", 0)
+        lora = LoraConfig(**settings, lora_dropout=0.0, task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):  # the fresh lora_A from this seed, the caller's generator untouched
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(base, lora)
     return peft_model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer
 
 

@@ -743,26 +743,22 @@ class Bench:
         """``asft restore`` for one :meth:`restore_plan` with the benchmark's restoration settings; returns its report.
 
         A plan without an adapter restores the full fine-tune ``plan["base"]`` through a fresh LoRA adapter (its
-        initialisation drawn from the global torch generator, seeded here with the row's seed and restored after,
-        so the row is reproducible) against ``--reference_model`` ``plan["reference"]``.
+        initialisation seeded with the row's seed, ``asft restore --seed``) against ``--reference_model``
+        ``plan["reference"]``.
         """
-        import torch
-
         from asft_lightning.restore_command import restore_adapter
 
         a = self.args
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return restore_adapter(
-                model=str(plan["base"]) if plan["base"] is not None else self.paths["aligned"],
-                adapter=str(plan["adapter"]) if plan["adapter"] is not None else None,
-                reference_model=plan["reference"], harmful_data=self.paths[plan["harmful"]],
-                retain_data=self.paths["task_train"], output=str(plan["output"]), num_harmful=a.restore_harmful,
-                num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length, method=plan["kind"],
-                max_steps=a.restore_steps, trust_region=a.trust_region, task_loss_budget=a.task_loss_budget,
-                cg_max_iter=a.cg_max_iter, solver=plan["solver"], target_margin=a.target_margin,
-                fisher_damping=a.fisher_damping, overwrite=True, progress=False,
-            )
+        return restore_adapter(
+            model=str(plan["base"]) if plan["base"] is not None else self.paths["aligned"],
+            adapter=str(plan["adapter"]) if plan["adapter"] is not None else None,
+            reference_model=plan["reference"], harmful_data=self.paths[plan["harmful"]],
+            retain_data=self.paths["task_train"], output=str(plan["output"]), num_harmful=a.restore_harmful,
+            num_retain=a.restore_retain, batch_size=a.batch_size, max_length=a.max_length, method=plan["kind"],
+            max_steps=a.restore_steps, trust_region=a.trust_region, task_loss_budget=a.task_loss_budget,
+            cg_max_iter=a.cg_max_iter, solver=plan["solver"], target_margin=a.target_margin,
+            fisher_damping=a.fisher_damping, seed=seed, overwrite=True, progress=False,
+        )
 
     # ------------------------------------------------------------------------------------------ methods
     def run(self, method: str, seed: int) -> dict[str, Any]:
