@@ -363,3 +363,35 @@ def test_fisher_solver_needs_no_second_order_attention_and_refuses_data_parallel
                 all_reduce=lambda t: t)
     with pytest.raises(Exception, match="fisher_damping must be in"):
         RestorationConfig(solver="fisher", fisher_damping=0.0)
+
+
+def test_asft_restore_of_a_full_fine_tune_end_to_end_is_deterministic(tiny_world, tmp_path):
+    """A full-parameter fine-tune (the tiny world's unaligned model: same architecture, it complies) restored
+    through a fresh LoRA adapter against the aligned model as reference: the harmful loss rises to the aligned
+    model's, the input model is untouched, and a re-run gives the same adapter (the fresh adapter's initialisation
+    is seeded, and the caller's random generator is left as it was)."""
+    full = Path(tiny_world["unaligned"])
+    before = _files(full)
+
+    def run(out: Path, *extra: str) -> dict:
+        main(["restore", f"--model={full}", f"--reference_model={tiny_world['aligned']}",
+              f"--harmful_data={tiny_world['harmful']}", f"--retain_data={tiny_world['task']}", f"--output={out}",
+              "--num_harmful=48", "--num_retain=48", "--batch_size=16", "--max_length=64", "--trust_region=0.02",
+              "--max_steps=30", "--solver=fisher", "--task_loss_budget=0.5", "--progress=false", *extra])
+        return json.loads((out / "restoration_report.json").read_text())
+
+    state = torch.random.get_rng_state()
+    report = run(tmp_path / "a")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    result = report["result"]
+    assert report["inputs"]["adapter"] is None and report["inputs"]["reference_model"] == tiny_world["aligned"]
+    assert report["settings"]["fresh_adapter_seed"] == 0
+    assert result["initial_harmful_loss"] < result["reference_harmful_loss"] - 0.2  # the full fine-tune complies
+    assert result["restored"] and result["final_harmful_loss"] >= result["reference_harmful_loss"] - 0.01
+    assert _files(full) == before, "the input model was modified"
+    run(tmp_path / "b")
+    first, second = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("a", "b"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    run(tmp_path / "c", "--seed=1")
+    other = load_file(tmp_path / "c" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], other[k]) for k in first)
