@@ -15,7 +15,7 @@ completions, ``L_t`` the loss on retain (task / benign) data and ``L_r`` the los
 and stops when ``L_h`` is back at the aligned reference's level (the model with the adapter disabled, or a
 given reference model), after ``max_steps``, or when ``L_t`` would rise more than ``task_loss_budget`` (the step
 is halved up to ``backtracks`` times first, then undone). The first-order baseline uses ``d = g`` with the same
-trust region. The harmful loss after a step and the next step's gradient come from one forward and backward. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
+trust region. Each step takes the harmful loss and its gradient from one forward and backward. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
 """
 
 from __future__ import annotations
@@ -402,10 +402,9 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
         if cfg.solver == "fisher" else None
     damping = cfg.damping
     history = cv.LBFGSHistory(max_size=cfg.lbfgs_history, damping=cfg.damping)
-    ascent_at_point: tuple[float, cv.TensorDict] | None = None  # (L_h, g) at the current parameters, when known
     for step in range(1, cfg.max_steps + 1):
         t_step = time.perf_counter()
-        h_prev, g = ascent_at_point if ascent_at_point is not None else harmful_value_and_grad()
+        h_prev, g = harmful_value_and_grad()  # L_h at this point comes with its gradient
         cg_residual = cg_iterations = None
         if cfg.method == "first_order":
             d = g
@@ -444,12 +443,12 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
         if over_budget:
             _apply(named, d, -eta)
             t, r = task_and_refusal()
-            h, ascent_at_point = h_prev, (h_prev, g)
+            h = h_prev
             eta = 0.0
         else:
-            # L_h and the next step's ascent direction in one pass (the next step starts here unless landing moves)
-            ascent_at_point = harmful_value_and_grad()
-            h = ascent_at_point[0]
+            # A forward only: a backward here would be wasted on the last step, and under ZeRO-3 a run must not end
+            # on a backward (its parameters stay gathered); the next step takes L_h again with its gradient.
+            h = harmful_loss()
             if cfg.land_on_target and h > landing and h > h_prev:
                 # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
                 # target instead of overshooting it, so that the update stays as small as the target allows.
@@ -458,7 +457,6 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
                 eta = landed
                 h = harmful_loss()
                 t, r = task_and_refusal()
-                ascent_at_point = None
         record = StepRecord(step, h, t, r, eta, quad, damping, cg_residual, cg_iterations, touched, halvings,
                             time.perf_counter() - t_step)
         result.records.append(record)
