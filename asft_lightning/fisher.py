@@ -82,14 +82,16 @@ class EmpiricalFisher:
         coeff = torch.cholesky_solve((self.rows @ x).double().unsqueeze(1), self._chol).squeeze(1)
         return self._unflat((x - self.rows.T @ coeff.to(self.rows.dtype)) / self.lam, g)
 
+    def _parts(self, d: TensorDict) -> tuple[float, float]:
+        """``d^T F d`` and ``lam d^T d``, accumulated in float64."""
+        x = self._flat(d).to(self.rows.dtype)
+        return float((self.rows @ x).double().square().sum() / self.n), self.lam * float(x.double().square().sum())
+
     def quadratic(self, d: TensorDict) -> float:
         """``d^T (F + lam I) d``."""
-        x = self._flat(d).to(self.rows.dtype)
-        return float((self.rows @ x).double().square().sum() / self.n + self.lam * x.double().square().sum())
+        return sum(self._parts(d))
 
     def task_share(self, d: TensorDict) -> float:
         """``d^T F d / d^T (F + lam I) d``: the share of the step's quadratic form that the retain examples see."""
-        x = self._flat(d).to(self.rows.dtype)
-        fisher = float((self.rows @ x).double().square().sum() / self.n)
-        total = fisher + self.lam * float(x.double().square().sum())
-        return fisher / total if total > 0 else 0.0
+        fisher, damped = self._parts(d)
+        return fisher / (fisher + damped) if fisher + damped > 0 else 0.0

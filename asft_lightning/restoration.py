@@ -15,7 +15,8 @@ completions, ``L_t`` the loss on retain (task / benign) data and ``L_r`` the los
 and stops when ``L_h`` is back at the aligned reference's level (the model with the adapter disabled, or a
 given reference model), after ``max_steps``, or when ``L_t`` would rise more than ``task_loss_budget`` (the step
 is halved up to ``backtracks`` times first, then undone). The first-order baseline uses ``d = g`` with the same
-trust region. Each step takes the harmful loss and its gradient from one forward and backward. Everything is deterministic: the model is put in eval mode (no dropout) for the duration.
+trust region. Each step takes the harmful loss and its gradient from one forward and backward. Everything is
+deterministic: the model is put in eval mode (no dropout) for the duration.
 """
 
 from __future__ import annotations
@@ -216,20 +217,22 @@ def _batch_mean(fns: Sequence[cv.LossFn], compute: Callable[[cv.LossFn], cv.Tens
     return cv.scale(total, 1.0 / len(fns))
 
 
-def _mean_grad(fns: Sequence[cv.LossFn], params: cv.TensorDict) -> cv.TensorDict:
-    """Gradient of the mean of ``fns``, batch by batch."""
-    return _batch_mean(fns, lambda fn: _value_and_grad(fn, params)[1])
-
-
 def _mean_value_and_grad(fns: Sequence[cv.LossFn], params: cv.TensorDict) -> tuple[Tensor, cv.TensorDict]:
     """Value and gradient of the mean of ``fns``, batch by batch (one forward and backward each)."""
-    value: Tensor | None = None
-    total: cv.TensorDict | None = None
-    for fn in fns:
+    values: list[Tensor] = []
+
+    def value_and_grad(fn: cv.LossFn) -> cv.TensorDict:
         loss, grad = _value_and_grad(fn, params)
-        value = loss if value is None else value + loss
-        total = grad if total is None else cv.add(total, grad)
-    return value / len(fns), cv.scale(total, 1.0 / len(fns))
+        values.append(loss)
+        return grad
+
+    grad = _batch_mean(fns, value_and_grad)
+    return sum(values) / len(values), grad
+
+
+def _mean_grad(fns: Sequence[cv.LossFn], params: cv.TensorDict) -> cv.TensorDict:
+    """Gradient of the mean of ``fns``, batch by batch."""
+    return _mean_value_and_grad(fns, params)[1]
 
 
 def per_example_gradients(model: nn.Module, batches: Sequence[Batch], params: cv.TensorDict) -> list[cv.TensorDict]:

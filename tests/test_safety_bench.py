@@ -149,19 +149,27 @@ def test_world_paths_from_world_json_and_defaults(tmp_path):
         sb.world_paths(world)
 
 
-def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
-    """SFT's run folder ignores lambda and the direction; AsFT's follows both; a derived direction follows its source."""
-    calls = []
-    monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: calls.append(argv))
-    world = tmp_path / "w"
+STUB_FILES = ("direction.safetensors", "task_train.jsonl", "task_test.jsonl", "harmful_attack.jsonl", "harmful_eval.jsonl",
+              "benign_eval.jsonl")
+
+
+def stub_world(world: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A stand-in world folder: model folders and files whose contents are their names (distinct digests)."""
     world.mkdir()
     for name in ("aligned", "unaligned"):
         (world / name).mkdir()
         (world / name / "model.safetensors").write_text(name)
-    for name in ("direction.safetensors", "task_train.jsonl", "task_test.jsonl", "harmful_attack.jsonl",
-                 "harmful_eval.jsonl", "benign_eval.jsonl"):
+    for name in STUB_FILES + extra:
         (world / name).write_text(name)
     (world / "world.json").write_text("{}")
+    return world
+
+
+def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
+    """SFT's run folder ignores lambda and the direction; AsFT's follows both; a derived direction follows its source."""
+    calls = []
+    monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: calls.append(argv))
+    world = stub_world(tmp_path / "w")
 
     def bench(**over):
         args = sb.parse_args(["--world", str(world), "--workdir", str(tmp_path / "cache"), "--judges", "keyword"])

@@ -5,26 +5,12 @@ real on the tiny world."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-if "safety_bench" in sys.modules:
-    sb = sys.modules["safety_bench"]
-else:
-    _spec = importlib.util.spec_from_file_location("safety_bench", REPO / "benchmarks" / "safety_bench.py")
-    sb = importlib.util.module_from_spec(_spec)
-    sys.modules["safety_bench"] = sb
-    _spec.loader.exec_module(sb)
-
-
-def _arg(argv: list[str], flag: str) -> str:
-    return next(a.split("=", 1)[1] for a in argv if a.startswith(flag + "="))
+from test_safety_bench import _arg, sb, stub_world
 
 
 def test_full_rows_are_opt_in():
@@ -38,15 +24,7 @@ def test_full_rows_are_opt_in():
 def test_full_finetune_keys_and_plan(tmp_path, monkeypatch):
     """The full fine-tune's folder follows SFT's settings and --full_lr (not --lr); its restoration follows the full
     fine-tune's content and the restoration settings; an evaluation on the aligned model keeps its old key."""
-    world = tmp_path / "w"
-    world.mkdir()
-    for name in ("aligned", "unaligned"):
-        (world / name).mkdir()
-        (world / name / "model.safetensors").write_text(name)
-    for name in ("direction.safetensors", "task_train.jsonl", "task_test.jsonl", "harmful_attack.jsonl",
-                 "harmful_restore.jsonl", "harmful_eval.jsonl", "benign_eval.jsonl"):
-        (world / name).write_text(name)
-    (world / "world.json").write_text("{}")
+    world = stub_world(tmp_path / "w", extra=("harmful_restore.jsonl",))
     trained = []
 
     def fake_train(model, output, task_data, harmful_data, **kw):
