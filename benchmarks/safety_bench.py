@@ -478,14 +478,14 @@ class Bench:
         solver = "lbfgs" if method == "sft_restore_lbfgs" else a.solver
         kind = "first_order" if method.endswith("first_order") else "curvature"
         if method == "sft_full_restore":
-            src, _, _ = self.sft_full(seed)
-            key = _key([digest(src), self.restore_settings(harmful, solver), method])
-            return {"src": src, "harmful": harmful, "solver": solver, "kind": kind, "base": src, "adapter": None,
-                    "reference": self.paths["aligned"], "output": self.work / "runs" / f"{method}-seed{seed}-{key}"}
-        src, _ = self.asft(seed) if method == "asft_restore" else self.sft(seed)
-        key = _key([digest(src / "adapter_model.safetensors"), self.restore_settings(harmful, solver), method])
-        return {"src": src, "harmful": harmful, "solver": solver, "kind": kind, "base": None, "adapter": src,
-                "reference": None, "output": self.work / "runs" / f"{method}-seed{seed}-{key}"}
+            src = self.sft_full(seed)[0]
+            weights, roles = src, {"base": src, "adapter": None, "reference": self.paths["aligned"]}
+        else:
+            src = (self.asft(seed) if method == "asft_restore" else self.sft(seed))[0]
+            weights, roles = src / "adapter_model.safetensors", {"base": None, "adapter": src, "reference": None}
+        key = _key([digest(weights), self.restore_settings(harmful, solver), method])
+        return {"src": src, "harmful": harmful, "solver": solver, "kind": kind, **roles,
+                "output": self.work / "runs" / f"{method}-seed{seed}-{key}"}
 
     def split_label(self, key: str) -> str:
         """The world file a harmful split was read from, flagged when an older world's restoration pairs fell back
