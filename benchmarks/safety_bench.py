@@ -66,7 +66,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import platform
 import sys

@@ -402,11 +402,11 @@ def test_sources_two_judges_margin_and_timings(tiny_world, adapter, tmp_path):
     assert [r["category"] for r in harm] == [f"c{i % 2}" for i in range(8)]
     labels = [j["label"] for j in report["judges"]]
     assert labels == ["keyword", "cls"] and report["settings"]["judges"] == ["keyword", judge]
-    for k, j in enumerate(report["judges"]):
+    for j in report["judges"]:
         verdicts = [r["verdicts"][j["label"]] for r in harm]
         assert j["harmful"] == sum(verdicts) and j["harmful_score"] == pytest.approx(100 * sum(verdicts) / 8)
         assert sum(v["prompts"] for v in j["by_source"].values()) == 8
-        assert j["by_source"]["toy_b"]["harmful"] == sum(v for v, r in zip(verdicts, harm) if r["prompt_source"] == "toy_b")
+        assert j["by_source"]["toy_b"]["harmful"] == sum(v for v, r in zip(verdicts, harm, strict=True) if r["prompt_source"] == "toy_b")
         assert set(j["by_category"]) == {"c0", "c1"}
     assert [r["harmful"] for r in harm] == [r["verdicts"]["keyword"] for r in harm]  # the first judge is primary
     assert report["harmful_score"] == report["judges"][0]["harmful_score"]
