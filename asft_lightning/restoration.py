@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -53,7 +53,8 @@ class RestorationConfig:
             two-loop estimate, one HVP a step) or ``fisher`` (the empirical Fisher of the retain examples, ``F =
             mean_i g_i g_i^T`` from one gradient per retain example taken once, inverted exactly by Woodbury: no
             HVP at all, the cheapest; it is also the trust region's metric, for ``first_order`` too; one process
-            only).
+            only); ``auto`` (default): ``fisher`` on one process, ``cg`` under data parallelism. The report's
+            ``config`` records the solver that ran.
         max_steps: most restoration steps, >= 1.
         damping: initial ``lambda`` in ``H_t + lambda I``, > 0; raised automatically when CG meets negative
             curvature (``cg`` and ``lbfgs``).
@@ -81,7 +82,7 @@ class RestorationConfig:
     """
 
     method: Literal["curvature", "first_order"] = "curvature"
-    solver: Literal["cg", "lbfgs", "fisher"] = "cg"
+    solver: Literal["auto", "cg", "lbfgs", "fisher"] = "auto"
     max_steps: int = 10
     damping: float = 1.0
     fisher_damping: float = 1.0
@@ -104,8 +105,8 @@ class RestorationConfig:
         problems = []
         if self.method not in ("curvature", "first_order"):
             problems.append(f"method must be 'curvature' or 'first_order', got {self.method!r}")
-        if self.solver not in ("cg", "lbfgs", "fisher"):
-            problems.append(f"solver must be 'cg', 'lbfgs' or 'fisher', got {self.solver!r}")
+        if self.solver not in ("auto", "cg", "lbfgs", "fisher"):
+            problems.append(f"solver must be 'auto', 'cg', 'lbfgs' or 'fisher', got {self.solver!r}")
         if not (self.fisher_damping > 0 and math.isfinite(self.fisher_damping)):
             problems.append(f"fisher_damping must be in (0, inf), got {self.fisher_damping}")
         if self.max_steps < 1:
@@ -298,6 +299,21 @@ def reference_harmful_loss(model: nn.Module, harmful: Sequence[Batch], reference
             return float(mean_loss(model, harmful))
 
 
+def resolve_solver(cfg: RestorationConfig, distributed: bool) -> RestorationConfig:
+    """``cfg`` with ``solver="auto"`` replaced by the solver that runs: ``fisher`` on one process, ``cg`` otherwise.
+
+    Args:
+        cfg: the settings.
+        distributed: whether losses and gradients are averaged across data-parallel ranks.
+
+    Returns:
+        ``cfg`` itself when its solver is explicit, else a copy with the chosen solver.
+    """
+    if cfg.solver != "auto":
+        return cfg
+    return replace(cfg, solver="cg" if distributed else "fisher")
+
+
 def restore(
     model: nn.Module,
     harmful: Sequence[Batch],
@@ -325,7 +341,7 @@ def restore(
     Returns:
         A :class:`RestorationResult`.
     """
-    cfg = config or RestorationConfig()
+    cfg = resolve_solver(config or RestorationConfig(), distributed=all_reduce is not None)
     if not harmful:
         raise DataError("restore: no harmful batches (harmful data is empty)")
     if not retain:

@@ -239,7 +239,7 @@ def _train_reference(world, direction, adapter, world_size: int = WORLD, micro_b
 def _restore_reference(callback, module, data):
     """The callback's restoration in one process on all its batches (what the ranks' averaged steps must equal)."""
     from asft_lightning.data import load_samples, sample_batches
-    from asft_lightning.restoration import restore
+    from asft_lightning.restoration import resolve_solver, restore
 
     tok = data.load_tokenizer()
     harmful = load_samples(callback.harmful_data, "harmful_data", *callback.columns["harmful"],
@@ -249,7 +249,9 @@ def _restore_reference(callback, module, data):
     def batches(samples):
         return sample_batches(tok, samples, callback.batch_size, data.max_length, data.template, data.system_prompt)
 
-    return restore(module.model, batches(harmful), batches(retain), config=callback._config_run)
+    # the ranks average their steps (solver auto -> cg); this process must run the same solver
+    config = resolve_solver(callback._config_run, distributed=True)
+    return restore(module.model, batches(harmful), batches(retain), config=config)
 
 
 def _penalty_of(world, direction, adapter: Path) -> float:

@@ -44,10 +44,10 @@ def attacked_adapter(tiny_world, batches, tmp_path_factory) -> str:
 @pytest.mark.parametrize(
     "config",
     [
-        RestorationConfig(trust_region=0.02),
+        RestorationConfig(solver="cg", trust_region=0.02),
         RestorationConfig(solver="lbfgs", trust_region=0.02),
-        RestorationConfig(method="first_order", trust_region=0.02),
-        RestorationConfig(trust_region=0.02, top_modules=1, max_steps=30),
+        RestorationConfig(solver="cg", method="first_order", trust_region=0.02),
+        RestorationConfig(solver="cg", trust_region=0.02, top_modules=1, max_steps=30),
         RestorationConfig(solver="fisher", trust_region=0.02),
         RestorationConfig(solver="fisher", method="first_order", trust_region=0.02),
     ],
@@ -363,6 +363,26 @@ def test_fisher_solver_needs_no_second_order_attention_and_refuses_data_parallel
                 all_reduce=lambda t: t)
     with pytest.raises(Exception, match="fisher_damping must be in"):
         RestorationConfig(solver="fisher", fisher_damping=0.0)
+
+
+def test_default_solver_is_the_fisher_on_one_process_and_cg_under_data_parallelism(tiny_world, batches):
+    from asft_lightning.restoration import resolve_solver
+
+    assert RestorationConfig().solver == "auto"
+    assert resolve_solver(RestorationConfig(), distributed=False).solver == "fisher"
+    assert resolve_solver(RestorationConfig(), distributed=True).solver == "cg"
+    for explicit in ("cg", "lbfgs", "fisher"):
+        assert resolve_solver(RestorationConfig(solver=explicit), distributed=True).solver == explicit
+    cfg = RestorationConfig(trust_region=0.02, max_steps=1)
+    one = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"], config=cfg)
+    ranked = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"],
+                     config=cfg, all_reduce=lambda t: t)  # a mean over one rank
+    assert one.config["solver"] == "fisher" and ranked.config["solver"] == "cg"
+    assert cfg.solver == "auto"  # the caller's settings are not changed
+    # the auto run is exactly the explicit Fisher run
+    fisher = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"],
+                     config=RestorationConfig(solver="fisher", trust_region=0.02, max_steps=1))
+    assert one.final_harmful_loss == fisher.final_harmful_loss and one.records[0].step_size == fisher.records[0].step_size
 
 
 def test_asft_restore_of_a_full_fine_tune_end_to_end_is_deterministic(tiny_world, tmp_path):

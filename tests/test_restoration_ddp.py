@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from asft_lightning.restoration import RestorationConfig, restore
 
-CONFIG = RestorationConfig(trust_region=0.02, max_steps=3, target_margin=-10.0, land_on_target=False)
+# solver pinned: the default (auto) is cg on the ranks but the Fisher in the single-process reference
+CONFIG = RestorationConfig(solver="cg", trust_region=0.02, max_steps=3, target_margin=-10.0, land_on_target=False)
 
 
 def _setup(world):
