@@ -253,6 +253,22 @@ def test_asft_restore_goes_beyond_the_reference_with_a_negative_margin(tiny_worl
         RestorationConfig(target_margin=float("nan"))
 
 
+def test_an_overshooting_step_lands_past_the_stop_level_by_the_slack():
+    """The secant aims ``LANDING_SLACK`` past the stop level ``reference - margin`` (never below the reference): aimed
+    exactly at it, a secant falling short by a hair on a convex ``L_h`` left 7 more ever smaller steps (20 minutes
+    on the world at margin -0.2)."""
+    from asft_lightning.restoration import LANDING_SLACK, landing_level
+
+    ref = 0.9489744901657104
+    assert LANDING_SLACK == 0.01
+    assert landing_level(ref, 0.01) == ref  # the default margin: exactly the reference, as before
+    assert landing_level(ref, 0.05) == ref  # a stop below the reference: land on the reference
+    assert landing_level(ref, 0.0) == ref + 0.01
+    assert landing_level(ref, -0.2) == ref + 0.21
+    for margin in (0.01, 0.0, -0.1, -0.2, -0.3):
+        assert landing_level(ref, margin) >= ref - margin  # at or past the stop level: one landing ends the run
+
+
 def test_asft_restore_bad_inputs(tiny_world, attacked_adapter, tmp_path):
     from transformers import LlamaForCausalLM
 
