@@ -434,6 +434,18 @@ def test_restoration_under_zero_matches_single_process(
         assert moved > 1e-2, moved
 
 
+def test_restoration_on_one_zero3_device_runs_the_fisher_solver(tiny_world, f64_direction, start_adapter, tmp_path):
+    """The callback's default solver (auto) on one device under ZeRO-3 is the Fisher (no all-reduce), and it restores
+    through the engine-owned LoRA parameters: the harmful loss reaches the reference."""
+    out = tmp_path / "run"
+    args = _fit_args(tiny_world, f64_direction, start_adapter, out, ["--trainer.strategy=deepspeed_cpu_stage_3"],
+                     _restoration_args(tiny_world))
+    _asft([a if not a.startswith("--trainer.devices=") else "--trainer.devices=1" for a in args], tmp_path)
+    (run,) = json.loads((out / "restoration.json").read_text())
+    assert run["config"]["solver"] == "fisher" and run["records"]
+    assert run["restored"] and run["final_harmful_loss"] >= run["reference_harmful_loss"] - run["config"]["target_margin"]
+
+
 def test_restoration_zero3_refuses_exact_hvp(tmp_path):
     from lightning.pytorch.accelerators import CPUAccelerator
 
