@@ -85,11 +85,11 @@ def adapter(tiny_world, tmp_path_factory) -> str:
     return str(out)
 
 
-def _margin_of(model, tokenizer, path: str) -> float:
+def _margin_of(model, tokenizer, path: str, answer_tokens: int | None = 32) -> float:
     from asft_lightning.margin import load_margin_pairs, margin_scores
 
     pairs = load_margin_pairs(path)
-    records = margin_scores(model.eval(), tokenizer, pairs, batch_size=8, max_length=256)
+    records = margin_scores(model.eval(), tokenizer, pairs, batch_size=8, max_length=256, answer_tokens=answer_tokens)
     return math.fsum(r.margin for r in records) / len(records)
 
 
@@ -320,6 +320,27 @@ def test_curves_from_an_adapter(tiny_world, tiny_direction, files, adapter, tmp_
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_world["aligned"]), adapter)
     assert report["baseline"]["margin"] == pytest.approx(_margin_of(merged.merge_and_unload(), tok, files["harmful"]), abs=1e-6)
     assert set(report["families"]) == {"+V", "orthogonal"}
+
+
+def test_curves_score_the_first_answer_tokens(tiny_world, tiny_direction, files, tmp_path):
+    """--answer_tokens K: the margin and harmful loss of the first K tokens of each answer, as margin_scores gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_world["aligned"])
+    aligned = AutoModelForCausalLM.from_pretrained(tiny_world["aligned"])
+    reports = {
+        k: curves(model=tiny_world["aligned"], direction=tiny_direction, harmful_data=files["harmful"],
+                  output_dir=str(tmp_path / f"o{k}"), steps=[0, 1], families=["+V"], rank=4, answer_tokens=k,
+                  progress=False)
+        for k in (2, None)
+    }  # fmt: skip
+    for k, report in reports.items():
+        assert report["settings"]["answer_tokens"] == k
+        assert report["baseline"]["margin"] == pytest.approx(_margin_of(aligned, tok, files["harmful"], k), abs=1e-6)
+    assert abs(reports[2]["baseline"]["margin"] - reports[None]["baseline"]["margin"]) > 1e-3
+    with pytest.raises(ArgumentError, match="--answer_tokens must be >= 1, got 0"):
+        curves(model=tiny_world["aligned"], direction=tiny_direction, harmful_data=files["harmful"],
+               output_dir=str(tmp_path / "bad"), answer_tokens=0, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
