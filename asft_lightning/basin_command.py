@@ -421,7 +421,8 @@ def _setup(
     )
     probes = _probes(
         tokenizer, pairs, batch_size=a.batch_size, max_length=a.max_length, answer_tokens=a.answer_tokens,
-        template=a.template, system_prompt=a.system_prompt, hs_prompts=hs_prompts, benign=benign_prompts, task_samples=task_samples,
+        template=a.template, system_prompt=a.system_prompt, hs_prompts=hs_prompts, benign=benign_prompts,
+        task_samples=task_samples,
         task_loss=not task_generation, task_generation=task_generation, labels=labels, task_mode=task_mode,
         judge=judge, max_new_tokens=a.max_new_tokens, task_max_new_tokens=task_max_new_tokens,
     )  # fmt: skip
@@ -548,8 +549,9 @@ def curves(
         case_sensitive: Keyword judge: match case as GCG does.
         batch_size: Prompt pairs per forward pass (prompts per generation batch).
         max_length: Most tokens per teacher-forced sequence.
-        answer_tokens: Score only the first this many tokens of each fixed answer in the margin and the harmful
-            loss (the safety benchmark's margin; None: whole answers, about twice the cost on the world).
+        answer_tokens: Score only the first this many tokens of each fixed answer in the margin and the
+            harmful loss (the safety benchmark's margin; None: whole answers, 1.4x the time a point on the
+            world).
         template: Prompt format string with {prompt} (default: the tokenizer's chat template).
         system_prompt: Optional system message.
         prompt_column: Prompt column of --harmful_data.
@@ -567,8 +569,8 @@ def curves(
     a = SimpleNamespace(**locals())  # the arguments, for the checks and loading both commands share
     clock = time.perf_counter()
     problems: list[str] = []
-    _positive(problems, draws=draws, rank=rank, limit=limit, answer_tokens=answer_tokens, hs_draws=hs_draws, hs_limit=hs_limit,
-              benign_limit=benign_limit, task_limit=task_limit, batch_size=batch_size,
+    _positive(problems, draws=draws, rank=rank, limit=limit, answer_tokens=answer_tokens, hs_draws=hs_draws,
+              hs_limit=hs_limit, benign_limit=benign_limit, task_limit=task_limit, batch_size=batch_size,
               max_new_tokens=max_new_tokens, threads=threads)  # fmt: skip
     if tolerance is not None and not (tolerance > 0 and tolerance < float("inf")):
         problems.append(f"--tolerance must be a positive number, got {tolerance}")
@@ -616,7 +618,8 @@ def curves(
             "hs_prompts": len(hs_prompts), "benign_data": benign_data, "benign_prompts": len(benign),
             "task_data": task_data, "task_examples": len(task_samples), "max_new_tokens": max_new_tokens,
             "judge": judge_obj.describe() if judge_obj is not None and hasattr(judge_obj, "describe") else judge,
-            "batch_size": batch_size, "max_length": max_length, "answer_tokens": answer_tokens, "template": template, "system_prompt": system_prompt,
+            "batch_size": batch_size, "max_length": max_length, "answer_tokens": answer_tokens,
+            "template": template, "system_prompt": system_prompt,
             "dtype": dtype, "device": str(next(lm.parameters()).device), "threads": torch.get_num_threads(),
             "units": "t in units of ||V_l||_F per module: W_l <- W_l + t * D_l with ||D_l||_F = ||V_l||_F",
         },  # fmt: skip
@@ -757,8 +760,9 @@ def attribute(
         case_sensitive: Keyword judge: match case as GCG does.
         batch_size: Prompt pairs per forward pass (prompts per generation batch).
         max_length: Most tokens per teacher-forced sequence.
-        answer_tokens: Score only the first this many tokens of each fixed answer in the margin and the harmful
-            loss (the safety benchmark's margin; None: whole answers, about twice the cost on the world).
+        answer_tokens: Score only the first this many tokens of each fixed answer in the margin and the
+            harmful loss (the safety benchmark's margin; None: whole answers, 1.4x the time a point on the
+            world).
         template: Prompt format string with {prompt} (default: the tokenizer's chat template).
         system_prompt: Optional system message.
         prompt_column: Prompt column of --harmful_data.
@@ -776,9 +780,9 @@ def attribute(
     a = SimpleNamespace(**locals())  # the arguments, for the checks and loading both commands share
     clock = time.perf_counter()
     problems: list[str] = []
-    _positive(problems, rank=rank, limit=limit, answer_tokens=answer_tokens, task_limit=task_limit, benign_limit=benign_limit,
-              max_new_tokens=max_new_tokens, task_max_new_tokens=task_max_new_tokens, batch_size=batch_size,
-              threads=threads)  # fmt: skip
+    _positive(problems, rank=rank, limit=limit, answer_tokens=answer_tokens, task_limit=task_limit,
+              benign_limit=benign_limit, max_new_tokens=max_new_tokens,
+              task_max_new_tokens=task_max_new_tokens, batch_size=batch_size, threads=threads)  # fmt: skip
     if (adapter is None) == (fine_tuned is None):
         problems.append("give exactly one of --adapter (a LoRA fine-tune) and --fine_tuned (a full fine-tune)")
     if target_modules is not None and adapter is not None:
@@ -822,7 +826,8 @@ def attribute(
             "benign_data": benign_data, "benign_prompts": len(benign), "max_new_tokens": max_new_tokens,
             "task_max_new_tokens": task_max_new_tokens,
             "judge": judge_obj.describe() if judge_obj is not None and hasattr(judge_obj, "describe") else judge,
-            "batch_size": batch_size, "max_length": max_length, "answer_tokens": answer_tokens, "template": template, "system_prompt": system_prompt,
+            "batch_size": batch_size, "max_length": max_length, "answer_tokens": answer_tokens,
+            "template": template, "system_prompt": system_prompt,
             "dtype": dtype, "device": str(next(lm.parameters()).device), "threads": torch.get_num_threads(),
             "parts": {
                 "along": "<dW, V>_F / ||V||_F^2 * V",
