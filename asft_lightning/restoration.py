@@ -58,6 +58,51 @@ def landing_level(reference_loss: float, target_margin: float) -> float:
     return reference_loss + max(0.0, LANDING_SLACK - target_margin)  # exactly the reference at the default margin
 
 
+LANDING_EVALS = 4
+"""Most harmful-loss evaluations spent landing one overshooting step (:func:`land`). A single secant fell short on
+the world's convex ``L_h`` (0.928 aimed at 0.949 on a full fine-tune), and each further step to close the gap costs
+a gradient and two forwards (~90 s there) where a landing evaluation is one forward of the harmful batches."""
+
+
+def land(loss_at: Callable[[float], float], below: tuple[float, float], above: tuple[float, float], aim: float,
+         stop: float, max_evals: int = LANDING_EVALS) -> tuple[float, float, int]:
+    """Shorten an overshooting step: false position (Illinois variant) for ``loss_at(x) = aim`` on a bracket.
+
+    ``x`` is the step size along the step's direction; ``below = (x_lo, L_lo)`` with ``L_lo < stop`` (the step's
+    start), ``above = (x_hi, L_hi)`` with ``L_hi > aim >= stop`` (the full step). Each iteration evaluates the
+    secant's point of the current bracket; the first point at or past ``stop`` is accepted (the restoration is
+    done there: the aim lies a little past the stop level, so an evaluation that lands between the two still
+    ends the run), a point short of it replaces the bracket's lower end, and the upper end's loss is halved in the
+    secant when it is kept twice in a row (Illinois), which keeps false position from creeping on a convex ``L_h``.
+    The first iteration is the plain secant of the step. Pure over the callable, so it is tested on scalar functions.
+
+    Args:
+        loss_at: sets the step size to ``x`` (the caller moves the parameters there) and returns ``L_h`` at it.
+        below: ``(x, L_h)`` short of the stop level.
+        above: ``(x, L_h)`` past the aim.
+        aim: the harmful loss the secant aims at (:func:`landing_level`).
+        stop: the stop level ``reference - target_margin`` (<= ``aim``).
+        max_evals: most calls of ``loss_at``, >= 1.
+
+    Returns:
+        ``(x, L_h, evaluations)`` of the last point evaluated: at or past ``stop`` unless ``max_evals`` ran out
+        first, when it is the highest point found short of it (the next restoration step goes on from there).
+    """
+    (x_lo, f_lo), (x_hi, f_hi) = below, above
+    weight_hi, kept_hi = f_hi, 0
+    x, f = x_lo, f_lo
+    for evals in range(1, max_evals + 1):
+        x = x_lo + (x_hi - x_lo) * (aim - f_lo) / (weight_hi - f_lo)
+        f = loss_at(x)
+        if f >= stop:
+            return x, f, evals
+        x_lo, f_lo = x, f
+        kept_hi += 1
+        if kept_hi >= 2:
+            weight_hi = aim + (weight_hi - aim) / 2
+    return x, f, max_evals
+
+
 @dataclass
 class RestorationConfig:
     """Settings of :func:`restore`, each checked in ``__post_init__``.
@@ -93,10 +138,11 @@ class RestorationConfig:
         top_modules: update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all).
         target_margin: stop when the harmful loss reaches ``reference - target_margin``; negative asks for more
             than the reference (e.g. ``-0.1``: 0.1 nats beyond the aligned model's harmful loss).
-        land_on_target: shorten a step that overshoots the target (secant on ``L_h``), for the smallest
-            sufficient update. It lands at ``max(reference, reference - target_margin + LANDING_SLACK)``: at the
-            reference for the default margin, a little past the stop level otherwise, so that a secant that falls
-            just short does not leave an endless run of ever smaller steps.
+        land_on_target: shorten a step that overshoots the target, for the smallest sufficient update: false
+            position on ``L_h`` along the step (:func:`land`, at most ``LANDING_EVALS`` forwards of the harmful
+            data) aimed at ``max(reference, reference - target_margin + LANDING_SLACK)``: at the reference for the
+            default margin, a little past the stop level otherwise, so that a landing that falls just short does
+            not leave a run of ever smaller steps.
         hvp_method: ``auto``, ``double_backward``, ``forward_over_reverse`` or ``finite_difference`` (see
             :func:`asft_lightning.curvature.hvp`).
         check_determinism: compute the first HVP twice and fail if they differ (catches dropout left on).
@@ -176,6 +222,8 @@ class StepRecord:
     modules_touched: list[str]
     backtracks: int
     seconds: float
+    landing_evals: int = 0
+    """Harmful-loss evaluations spent landing the step (:func:`land`; 0: it did not overshoot)."""
 
 
 @dataclass
@@ -473,7 +521,7 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
         eta = cfg.max_step_size if quad <= 0 else min(cfg.max_step_size, math.sqrt(2 * cfg.trust_region / quad))
         _apply(named, d, eta)
         t, r = task_and_refusal()
-        halvings = 0
+        halvings = landing_evals = 0
         while t - t0 > cfg.task_loss_budget and halvings < cfg.backtracks:
             _apply(named, d, -eta / 2)
             eta /= 2
@@ -490,15 +538,21 @@ def _restore(model, named, harmful, retain, refusal, cfg, reference_loss, reduce
             # on a backward (its parameters stay gathered); the next step takes L_h again with its gradient.
             h = harmful_loss()
             if cfg.land_on_target and h > landing and h > h_prev:
-                # The trust region allowed more than needed: shorten the step (secant on L_h) to land on the
-                # target instead of overshooting it, so that the update stays as small as the target allows.
-                landed = eta * (landing - h_prev) / (h - h_prev)
-                _apply(named, d, landed - eta)
-                eta = landed
-                h = harmful_loss()
+                # The trust region allowed more than needed: shorten the step (false position on L_h) to land on
+                # the target instead of overshooting it, so that the update stays as small as the target allows.
+                at = [eta]
+
+                def loss_at(x: float, at: list[float] = at, d: cv.TensorDict = d) -> float:
+                    """Move the parameters to step size ``x`` along ``d``; ``L_h`` there."""
+                    _apply(named, d, x - at[0])
+                    at[0] = x
+                    return harmful_loss()
+
+                eta, h, landing_evals = land(loss_at, (0.0, h_prev), (eta, h), landing,
+                                             reference_loss - cfg.target_margin)
                 t, r = task_and_refusal()
         record = StepRecord(step, h, t, r, eta, quad, damping, cg_residual, cg_iterations, touched, halvings,
-                            time.perf_counter() - t_step)
+                            time.perf_counter() - t_step, landing_evals)
         result.records.append(record)
         if on_step is not None:
             on_step(record)

@@ -451,13 +451,18 @@ class Bench:
     def restore_settings(self, harmful: str = "harmful_restore", solver: str | None = None) -> dict[str, Any]:
         """What a restoration depends on besides its source adapter. ``harmful``: the world key of the harmful pairs
         it restores with (another split than ``harmful_restore`` is named in the settings); ``solver``: overrides
-        ``--solver``. The defaults give exactly the settings of the default restoration rows."""
+        ``--solver``. The defaults give exactly the settings of the default restoration rows. ``landing_evals``
+        (the restoration's landing budget, :data:`asft_lightning.restoration.LANDING_EVALS`) keys rows by the landing
+        that made them: rows restored before the false-position landing (a single secant) are not reused."""
+        from asft_lightning.restoration import LANDING_EVALS
+
         a = self.args
         settings = {
             "harmful": digest(self.paths[harmful]), "retain": digest(self.paths["task_train"]),
             "num_harmful": a.restore_harmful, "num_retain": a.restore_retain, "steps": a.restore_steps,
             "trust_region": a.trust_region, "task_loss_budget": a.task_loss_budget, "cg_max_iter": a.cg_max_iter,
             "solver": solver or a.solver, "target_margin": a.target_margin, "fisher_damping": a.fisher_damping,
+            "landing_evals": LANDING_EVALS,
         }  # fmt: skip
         if harmful != "harmful_restore":
             settings["harmful_split"] = harmful

@@ -249,6 +249,9 @@ def test_asft_restore_goes_beyond_the_reference_with_a_negative_margin(tiny_worl
     assert beyond["final_harmful_loss"] >= beyond["reference_harmful_loss"] + 0.2 - 1e-6
     assert beyond["final_harmful_loss"] == pytest.approx(beyond["reference_harmful_loss"] + 0.2, abs=0.05)
     assert beyond["final_harmful_loss"] > default["final_harmful_loss"] + 0.1
+    # every step that overshot was landed by false position: the evaluations are recorded, within the budget
+    landed = [r["landing_evals"] for rep in reports.values() for r in rep["records"]]
+    assert any(n > 0 for n in landed) and all(0 <= n <= 4 for n in landed)
     with pytest.raises(ValueError, match="target_margin must be finite"):
         RestorationConfig(target_margin=float("nan"))
 
@@ -267,6 +270,41 @@ def test_an_overshooting_step_lands_past_the_stop_level_by_the_slack():
     assert landing_level(ref, -0.2) == ref + 0.21
     for margin in (0.01, 0.0, -0.1, -0.2, -0.3):
         assert landing_level(ref, margin) >= ref - margin  # at or past the stop level: one landing ends the run
+
+
+def test_landing_by_false_position_on_scalar_functions():
+    """:func:`land` on functions with known roots: the first evaluation is the plain secant of the step; on a convex
+    ``L_h``, where that secant falls short, Illinois false position reaches the stop level within the budget (plain
+    false position would creep); on a concave one the secant already lands past it; out of evaluations it returns
+    the highest point short of the stop level."""
+    from asft_lightning.restoration import LANDING_EVALS, land
+
+    calls = []
+
+    def convex(x):
+        calls.append(x)
+        return x**6
+
+    # convex, bracket [0, 1], aim 0.5, stop 0.49: the secant x = 0.5 gives 0.0156 (short)
+    x, f, n = land(convex, (0.0, 0.0), (1.0, 1.0), aim=0.5, stop=0.49)
+    assert calls[0] == pytest.approx(0.5)
+    assert f >= 0.49 and f == pytest.approx(x**6) and 0.5 < x <= 1.0
+    assert n == len(calls) == 3 and LANDING_EVALS == 4
+    # the same bracket with one evaluation is the single secant of before, short of the stop level
+    x1, f1, n1 = land(lambda x: x**6, (0.0, 0.0), (1.0, 1.0), aim=0.5, stop=0.49, max_evals=1)
+    assert (x1, f1, n1) == (pytest.approx(0.5), pytest.approx(0.5**6), 1)
+    # plain false position (no halving) needs more than the budget on this bracket: the Illinois step is what lands
+    lo, hi, steps = (0.0, 0.0), (1.0, 1.0), 0
+    while lo[1] < 0.49:
+        xs = lo[0] + (hi[0] - lo[0]) * (0.5 - lo[1]) / (hi[1] - lo[1])
+        lo, steps = (xs, xs**6), steps + 1
+    assert steps == 6 > LANDING_EVALS
+    # concave: sqrt(x) on [0, 1] aimed at 0.5 lands past the stop level at once, on a shorter step
+    x, f, n = land(lambda x: x**0.5, (0.0, 0.0), (1.0, 1.0), aim=0.5, stop=0.49)
+    assert n == 1 and x == pytest.approx(0.5) and f == pytest.approx(0.5**0.5)
+    # a bracket starting at the current loss h_prev > 0, as in restore(): x is the step size from the start
+    x, f, n = land(lambda x: 0.9 + 0.2 * x**2, (0.0, 0.9), (2.0, 1.7), aim=0.96, stop=0.95)
+    assert f >= 0.95 and 0.9 + 0.2 * x**2 == pytest.approx(f) and x < 2.0 and n <= LANDING_EVALS
 
 
 def test_asft_restore_bad_inputs(tiny_world, attacked_adapter, tmp_path):
