@@ -130,14 +130,18 @@ class RestorationConfig:
         cg_max_iter: most CG iterations per step, >= 1.
         cg_tol: CG relative residual tolerance, > 0.
         lbfgs_history: curvature pairs kept by the L-BFGS solver, >= 1.
-        trust_region: ``delta``: the step keeps ``1/2 eta^2 d^T (H_t + lambda I) d <= delta``, > 0.
+        trust_region: ``delta``: the step keeps ``1/2 eta^2 d^T (H_t + lambda I) d <= delta``, > 0. Default 0.2,
+            the setting the default margin was chosen at: one step usually reaches it, and the landing shortens it.
         max_step_size: largest step multiplier ``eta_max``, > 0.
         refusal_weight: ``mu``, weight of the refusal loss in the ascent direction, >= 0 (> 0 needs refusal data).
         task_loss_budget: most increase of the retain loss over its value before restoration (nats), >= 0.
         backtracks: halvings of a step that breaks the task budget before it is undone and restoration stops, >= 0.
         top_modules: update only this many modules with the largest influence ``|g_l^T d_l|`` (``None``: all).
         target_margin: stop when the harmful loss reaches ``reference - target_margin``; negative asks for more
-            than the reference (e.g. ``-0.1``: 0.1 nats beyond the aligned model's harmful loss).
+            than the reference. Default ``-0.1`` (0.1 nats beyond the aligned model's harmful loss), chosen by the
+            rule of ``benchmarks/restore_margin.py`` over 0.01, -0.1, -0.2 and -0.3 on the world (3 seeds: 61% of
+            the fine-tune's harmful score removed, benign refusal at the aligned model's level, FA -0.4 points);
+            ``0.01`` stops at the reference itself (25% removed there).
         land_on_target: shorten a step that overshoots the target, for the smallest sufficient update: false
             position on ``L_h`` along the step (:func:`land`, at most ``LANDING_EVALS`` forwards of the harmful
             data) aimed at ``max(reference, reference - target_margin + LANDING_SLACK)``: at the reference for the
@@ -157,13 +161,13 @@ class RestorationConfig:
     cg_max_iter: int = 10
     cg_tol: float = 1e-3
     lbfgs_history: int = 10
-    trust_region: float = 0.05
+    trust_region: float = 0.2
     max_step_size: float = 10.0
     refusal_weight: float = 0.0
     task_loss_budget: float = 0.1
     backtracks: int = 3
     top_modules: int | None = None
-    target_margin: float = 0.01
+    target_margin: float = -0.1
     land_on_target: bool = True
     hvp_method: cv.HVPMethod = "auto"
     check_determinism: bool = False

@@ -1290,14 +1290,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restore_harmful", type=int, default=64)
     p.add_argument("--restore_retain", type=int, default=64)
     p.add_argument("--restore_steps", type=int, default=10)
-    p.add_argument("--trust_region", type=float, default=0.05)
+    p.add_argument("--trust_region", type=float, default=0.2, help="restoration trust region (asft restore's default)")
     p.add_argument("--task_loss_budget", type=float, default=0.1)
     p.add_argument("--cg_max_iter", type=int, default=10)
     p.add_argument("--solver", choices=["fisher", "cg", "lbfgs"], default="fisher",
                    help="curvature restoration's solver, and the trust region's metric of the first-order row "
                    "(cg: about 10 task HVPs a step, over an hour a row on 2 cores: benchmarks/restore_cost.py)")
     p.add_argument("--fisher_damping", type=float, default=1.0, help="asft restore --fisher_damping")
-    p.add_argument("--target_margin", type=float, default=0.01, help="restoration stop: reference - margin")
+    p.add_argument("--target_margin", type=float, default=-0.1,
+                   help="restoration stop: reference - margin (asft restore's default; the table in "
+                   "benchmarks/results/safety.md was made at 0.01 with --trust_region 0.05)")
     p.add_argument("--replicates", type=int, default=10_000, help="bootstrap replicates")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--progress", action="store_true", help="progress bars for the evaluations")

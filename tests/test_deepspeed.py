@@ -114,6 +114,7 @@ def _restoration_args(world) -> list[str]:
         "--trainer.callbacks.num_retain=32",
         f"--trainer.callbacks.batch_size={MICRO_BATCH * 2}",
         f"--trainer.callbacks.max_steps={RESTORE_STEPS}",
+        "--trainer.callbacks.target_margin=0.01",
         "--trainer.callbacks.trust_region=0.02",
         "--trainer.callbacks.hvp_method=auto",
     ]
@@ -281,7 +282,7 @@ def _restored_reference(world, direction, adapter, every_n_epochs: int | None, h
 
     callback = CurvatureRestoration(
         harmful_data=world["harmful"], num_harmful=32, num_retain=32, batch_size=MICRO_BATCH * 2,
-        max_steps=RESTORE_STEPS, trust_region=0.02, hvp_method=hvp_method,
+        max_steps=RESTORE_STEPS, trust_region=0.02, target_margin=0.01, hvp_method=hvp_method,
     )  # fmt: skip
     runs = []
 

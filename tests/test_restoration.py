@@ -44,12 +44,12 @@ def attacked_adapter(tiny_world, batches, tmp_path_factory) -> str:
 @pytest.mark.parametrize(
     "config",
     [
-        RestorationConfig(solver="cg", trust_region=0.02),
-        RestorationConfig(solver="lbfgs", trust_region=0.02),
-        RestorationConfig(solver="cg", method="first_order", trust_region=0.02),
-        RestorationConfig(solver="cg", trust_region=0.02, top_modules=1, max_steps=30),
-        RestorationConfig(solver="fisher", trust_region=0.02),
-        RestorationConfig(solver="fisher", method="first_order", trust_region=0.02),
+        RestorationConfig(solver="cg", trust_region=0.02, target_margin=0.01),
+        RestorationConfig(solver="lbfgs", trust_region=0.02, target_margin=0.01),
+        RestorationConfig(solver="cg", method="first_order", trust_region=0.02, target_margin=0.01),
+        RestorationConfig(solver="cg", trust_region=0.02, target_margin=0.01, top_modules=1, max_steps=30),
+        RestorationConfig(solver="fisher", trust_region=0.02, target_margin=0.01),
+        RestorationConfig(solver="fisher", method="first_order", trust_region=0.02, target_margin=0.01),
     ],
     ids=["cg", "lbfgs", "first_order", "top1", "fisher", "first_order_fisher_metric"],
 )
@@ -103,7 +103,7 @@ def test_sdpa_model_is_restored_through_the_second_order_guard(tiny_world, batch
         model = _attacked(tiny_world["aligned"], batches["train"])
         model.base_model.model.config._attn_implementation = attn
         res = restore(model, batches["harmful"], batches["retain"],
-                      config=RestorationConfig(trust_region=0.02, hvp_method="double_backward"))
+                      config=RestorationConfig(trust_region=0.02, target_margin=0.01, hvp_method="double_backward"))
         assert model.base_model.model.config._attn_implementation == attn  # restored afterwards
         results.append(res)
     assert results[0].final_harmful_loss == pytest.approx(results[1].final_harmful_loss, rel=1e-4)
@@ -132,6 +132,7 @@ def test_callback_inside_fit(tiny_world, tiny_direction, tmp_path):
             f"--trainer.callbacks.harmful_data={tiny_world['harmful']}",
             "--trainer.callbacks.num_harmful=48",
             "--trainer.callbacks.trust_region=0.02",
+            "--trainer.callbacks.target_margin=0.01",
         ]
     )
     (report_path,) = out.rglob("restoration.json")
@@ -199,6 +200,7 @@ def _restore_args(world, adapter, output, *extra):
         "--batch_size=16",
         "--max_length=64",
         "--trust_region=0.02",
+        "--target_margin=0.01",
         "--progress=false",
         *extra,
     ]
@@ -254,6 +256,8 @@ def test_asft_restore_goes_beyond_the_reference_with_a_negative_margin(tiny_worl
     assert any(n > 0 for n in landed) and all(0 <= n <= 4 for n in landed)
     with pytest.raises(ValueError, match="target_margin must be finite"):
         RestorationConfig(target_margin=float("nan"))
+    # the defaults are the margin rule's choice and the trust region it was chosen at (benchmarks/restore_margin.md)
+    assert (RestorationConfig().target_margin, RestorationConfig().trust_region) == (-0.1, 0.2)
 
 
 def test_an_overshooting_step_lands_past_the_stop_level_by_the_slack():
@@ -427,7 +431,7 @@ def test_default_solver_is_the_fisher_on_one_process_and_cg_under_data_paralleli
     assert resolve_solver(RestorationConfig(), distributed=True).solver == "cg"
     for explicit in ("cg", "lbfgs", "fisher"):
         assert resolve_solver(RestorationConfig(solver=explicit), distributed=True).solver == explicit
-    cfg = RestorationConfig(trust_region=0.02, max_steps=1)
+    cfg = RestorationConfig(trust_region=0.02, target_margin=0.01, max_steps=1)
     one = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"], config=cfg)
     ranked = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"],
                      config=cfg, all_reduce=lambda t: t)  # a mean over one rank
@@ -435,7 +439,7 @@ def test_default_solver_is_the_fisher_on_one_process_and_cg_under_data_paralleli
     assert cfg.solver == "auto"  # the caller's settings are not changed
     # the auto run is exactly the explicit Fisher run
     fisher = restore(_attacked(tiny_world["aligned"], batches["train"]), batches["harmful"], batches["retain"],
-                     config=RestorationConfig(solver="fisher", trust_region=0.02, max_steps=1))
+                     config=RestorationConfig(solver="fisher", trust_region=0.02, target_margin=0.01, max_steps=1))
     assert one.final_harmful_loss == fisher.final_harmful_loss and one.records[0].step_size == fisher.records[0].step_size
 
 
@@ -451,7 +455,7 @@ def test_asft_restore_of_a_full_fine_tune_end_to_end_is_deterministic(tiny_world
         main(["restore", f"--model={full}", f"--reference_model={tiny_world['aligned']}",
               f"--harmful_data={tiny_world['harmful']}", f"--retain_data={tiny_world['task']}", f"--output={out}",
               "--num_harmful=48", "--num_retain=48", "--batch_size=16", "--max_length=64", "--trust_region=0.02",
-              "--max_steps=30", "--solver=fisher", "--task_loss_budget=0.5", "--progress=false", *extra])
+              "--target_margin=0.01", "--max_steps=30", "--solver=fisher", "--task_loss_budget=0.5", "--progress=false", *extra])
         return json.loads((out / "restoration_report.json").read_text())
 
     state = torch.random.get_rng_state()

@@ -72,13 +72,32 @@ def test_rule_fa_interval_lower_end():
         "-0.1": _summary(_row(CURV, 30.0, 3.0, d_hs=-30.0, d_fa=3.0, fa_lo=-1.01)),   # mean up, lower end too low
         "-0.2": _summary(_row(CURV, 20.0, 3.0, d_hs=-40.0, d_fa=-6.0, fa_lo=-9.0)),
     }
-    c = rm.choose_margin(sums)[CURV]
+    c = rm.choose_margin(sums, fa_test="interval")[CURV]
     assert c["value"] == "0.01"
     assert [x["admissible"] for x in c["candidates"]] == [True, False, False]
     assert "lower end < -1" in c["candidates"][1]["reasons"][0]
     assert "[-1.0, +5.0]" in c["candidates"][1]["reasons"][0]
-    assert rm.choose_margin(sums, fa_floor=-1.02)[CURV]["value"] == "-0.1"
-    assert rm.choose_margin(sums, fa_floor=-10.0)[CURV]["value"] == "-0.2"
+    assert rm.choose_margin(sums, fa_floor=-1.02, fa_test="interval")[CURV]["value"] == "-0.1"
+    assert rm.choose_margin(sums, fa_floor=-10.0, fa_test="interval")[CURV]["value"] == "-0.2"
+
+
+def test_rule_fa_on_the_mean_change_by_default():
+    """The default reads the issue's "FA at least SFT - 1" on the mean change: a mean of exactly -1 is admissible
+    whatever its interval, -1.01 is not."""
+    sums = {
+        "0.01": _summary(_row(CURV, 50.0, 3.0, d_hs=-10.0, d_fa=0.5, fa_lo=-3.0)),
+        "-0.1": _summary(_row(CURV, 30.0, 3.0, d_hs=-30.0, d_fa=-1.0, fa_lo=-6.0)),    # exactly -1: admissible
+        "-0.2": _summary(_row(CURV, 20.0, 3.0, d_hs=-40.0, d_fa=-1.01, fa_lo=-4.0)),
+    }
+    c = rm.choose_margin(sums)[CURV]
+    assert c["value"] == "-0.1"
+    assert [x["admissible"] for x in c["candidates"]] == [True, True, False]
+    assert c["candidates"][2]["reasons"] == ["FA change -1.0 [-4.0, +1.0] < -1"]
+    assert rm.choose_margin(sums, fa_test="interval")[CURV]["value"] is None  # every lower end is below -1
+    assert "mean FA change against SFT is >= -1" in rm.rule_text(5.0, -1.0, "point")
+    assert "lower end >= -1" in rm.rule_text(5.0, -1.0, "interval")
+    with pytest.raises(ValueError, match="fa_test"):
+        rm.choose_margin(sums, fa_test="median")
 
 
 def test_rule_ties_go_to_the_milder_restoration():
@@ -208,7 +227,7 @@ def test_from_json_writes_verdict_table_json_and_png(tmp_path, capsys):
     assert "## Verdict" in text
     assert (f"- {CURV}: margin -0.2, the largest HS cut of the admissible margins (0.01, -0.2): HS 5.0, change -55.0 "
             "[-57.0, -53.0] vs SFT, 92% of SFT's HS removed; benign refusal 6.0%; FA change +4.0 [+1.0, +6.0].\n") in text
-    assert "FA at least SFT - 1, with confidence" in text
+    assert "its mean FA change against SFT is >= -1 points (FA at least SFT - 1)" in text
     assert "| -0.2 | sft_restore_curvature | 5.0 [2.0, 8.0] | -55.0 [-57.0, -53.0] | 6.0 | 40.0 [36.0, 44.0] | " \
            "+4.0 [+1.0, +6.0] | 400 | n/a | yes (chosen) |" in text
     assert "| -0.3 | sft_restore_curvature |" in text and "no: benign refusal 20.0% > aligned 3.0% + 5" in text
@@ -228,9 +247,10 @@ def test_from_json_none_admissible_and_errors(tmp_path):
     src = _sweep_file(tmp_path)
     md = tmp_path / "o.md"
     report = rm.main(["--from_json", str(src), "--out_md", str(md), "--out_json", str(tmp_path / "o.json"),
-                      "--out_png", str(tmp_path / "o.png"), "--fa_floor", "5"])
+                      "--out_png", str(tmp_path / "o.png"), "--fa_floor", "5", "--fa_test", "interval"])
     assert report["choice"][CURV]["value"] is None and report["choice"][FO]["value"] is None
     assert report["curvature_vs_first_order"]["value"] is None
+    assert report["rule"]["fa_test"] == "interval" and "with confidence" in report["rule"]["text"]
     assert f"- {CURV}: no admissible margin (0.01: FA change +0.5 [-0.5, +2.5]: lower end < +5" in md.read_text()
 
     # loose bounds admit -0.3, the sweep's strongest margin: the verdict says stronger ones were not tried

@@ -429,7 +429,7 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
             "--methods", ",".join(["sft", *new]), "--seeds", "42", "--n", "16", "--epochs", "1", "--rank", "4",
             "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--safety_n", "16",
             "--safety_epochs", "1", "--safemerge_threshold", "1.0", "--restore_harmful", "8", "--restore_retain", "8",
-            "--restore_steps", "2", "--cg_max_iter", "3", "--judges", "keyword", "--eval_benign", "2", "--eval_task",
+            "--restore_steps", "2", "--target_margin", "0.01", "--trust_region", "0.05", "--cg_max_iter", "3", "--judges", "keyword", "--eval_benign", "2", "--eval_task",
             "4", "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates",
             "100", "--out_json", str(tmp_path / "res" / "safety.json"),
             "--out_md", str(tmp_path / "res" / "safety.md")]  # fmt: skip

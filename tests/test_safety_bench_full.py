@@ -115,7 +115,7 @@ def test_tiny_full_finetune_and_restore_end_to_end(tmp_path, monkeypatch):
     argv = ["--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
             "--methods", "sft,sft_full,sft_full_restore", "--seeds", "42", "--n", "16", "--p", "0.5", "--epochs",
             "2", "--full_lr", "1e-3", "--rank", "4", "--restore_harmful", "8", "--restore_retain", "8",
-            "--restore_steps", "2", "--judges", "keyword", "--eval_benign", "2", "--eval_task", "4",
+            "--restore_steps", "2", "--target_margin", "0.01", "--trust_region", "0.05", "--judges", "keyword", "--eval_benign", "2", "--eval_task", "4",
             "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates", "100",
             "--out_json", str(tmp_path / "res" / "safety.json"),
             "--out_md", str(tmp_path / "res" / "safety.md")]  # fmt: skip
