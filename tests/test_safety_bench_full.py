@@ -21,6 +21,17 @@ def test_full_rows_are_opt_in():
     assert all(m in sb.METHODS for m in sb.FULL_ROWS)
 
 
+def test_restoration_defaults_follow_asft_restore():
+    """The benchmark's default restoration rows use ``asft restore``'s defaults (its literals are a twin of
+    ``RestorationConfig``'s, kept out of the import so that parsing the flags loads no torch)."""
+    from asft_lightning.restoration import RestorationConfig
+
+    args, cfg = sb.parse_args(["--world", "w"]), RestorationConfig()
+    assert (args.target_margin, args.trust_region) == (cfg.target_margin, cfg.trust_region)
+    assert (args.task_loss_budget, args.cg_max_iter, args.fisher_damping) == (cfg.task_loss_budget, cfg.cg_max_iter,
+                                                                              cfg.fisher_damping)
+
+
 def test_full_finetune_keys_and_plan(tmp_path, monkeypatch):
     """The full fine-tune's folder follows SFT's settings and --full_lr (not --lr); its restoration follows the full
     fine-tune's content and the restoration settings; an evaluation on the aligned model keeps its old key."""
