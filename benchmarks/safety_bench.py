@@ -103,6 +103,9 @@ METHODS = {
     "asft_harm": "AsFT, harmful-reference anchor (model.anchor harm_subspace, --lam_harm): ||U_k U_k^T B A||^2 with "
     "U_k the top --harm_rank left singular vectors of aligned minus a short harmful LoRA fine-tune of it on the "
     "world's restoration pairs (harmful_restore.jsonl; never the attack or evaluation data), seed-free and cached",
+    "asft_harm_rotated": "control of asft_harm: the same fit (harm_subspace, --lam_harm) with the harmful-reference "
+    "subspace rotated at random (Q1 U_k, Haar Q1 seeded by the row's seed): a random subspace of the same rank, so "
+    "the same penalty strength without the harmful direction",
     "sft_restore_curvature": "SFT + restoration, curvature (--solver: the retain examples' empirical Fisher by "
     "default), restoring with the restoration split (harmful_restore.jsonl, disjoint from the attack's pairs)",
     "sft_restore_curvature_attack": "SFT + restoration, curvature, restoring with the attack's own pairs "
@@ -120,7 +123,7 @@ METHODS = {
 }
 RESTORING = ("sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "sft_restore_first_order",
              "asft_restore")
-CANDIDATES = ("asft_normalized", "asft_components", "asft_inside", "asft_harm")
+CANDIDATES = ("asft_normalized", "asft_components", "asft_inside", "asft_harm", "asft_harm_rotated")
 """Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
 FULL_ROWS = ("sft_full", "sft_full_restore")
 """Issue 14 item 5: a full-parameter fine-tune attack and its restoration (evaluated on the full fine-tune as base)."""
@@ -128,6 +131,9 @@ POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_rest
 """Issue 14's baselines, restoration variants and full fine-tune rows: run only when named in ``--methods`` (the
 default run is unchanged)."""
 OPT_IN = CANDIDATES + POST_HOC_ROWS
+CONTROLS = {"asft_rotated": "asft_safelora", "asft_harm_rotated": "asft_harm"}
+"""Random-direction controls and the method each controls (same strength): when both are in a run, the summary's
+``controls`` holds their paired difference (control minus method, same seeds and prompts)."""
 SEED_FREE = ("aligned",)
 """Methods whose result does not depend on the seed (evaluated once, paired with SFT of every seed)."""
 
@@ -239,6 +245,9 @@ def rotate_direction(src: str | os.PathLike, dst: str | os.PathLike, seed: int =
     The rotated V has V's Frobenius norm and singular values (so the published C has the same spectrum and the
     penalty the same strength), but its row and column spaces are random: fine-tuning with it measures how much of
     AsFT's effect comes from the alignment direction itself rather than from the penalty's shrinkage of ``B A``.
+    A low-rank file is rotated the same way: ``basis`` (``U_k``) becomes ``Q1 U_k`` and ``right`` (``V_k``) becomes
+    ``Q2^T V_k``, the singular vectors of ``Q1 V Q2``, so a subspace anchor keeps its rank and its projector's
+    spectrum (all ones) on a random ``k``-dimensional subspace; ``weights``, ``singular`` and ``norm`` are unchanged.
     """
     import torch
     from safetensors import safe_open
@@ -254,11 +263,25 @@ def rotate_direction(src: str | os.PathLike, dst: str | os.PathLike, seed: int =
     with safe_open(str(src), "pt") as fh:
         header = dict(fh.metadata())
         tensors = {k: fh.get_tensor(k) for k in sorted(fh.keys())}
-    for key, value in tensors.items():
-        if key.endswith(".direction"):
-            v = value.to(torch.float64)
-            tensors[key] = (haar(v.shape[0]) @ v @ haar(v.shape[1])).to(value.dtype)
     meta = json.loads(header["asft"])
+
+    def rotate(key: str, left: torch.Tensor | None, right: torch.Tensor | None) -> None:
+        if key in tensors:
+            value = tensors[key].to(torch.float64)
+            value = value if left is None else left @ value
+            tensors[key] = (value if right is None else value @ right).to(tensors[key].dtype)
+
+    done: set[str] = set()
+    for key in sorted(tensors):  # draw order: as before for files holding only full V
+        name, _, kind = key.rpartition(".")
+        if kind not in ("direction", "basis") or name in done:
+            continue
+        done.add(name)
+        d_out, d_in = meta["modules"][name]
+        q1, q2 = haar(d_out), haar(d_in)
+        rotate(f"{name}.direction", q1, q2)
+        rotate(f"{name}.basis", q1, None)
+        rotate(f"{name}.right", q2.T, None)
     meta["control"] = {"kind": "random_rotation", "seed": seed, "source": str(src)}
     header["asft"] = json.dumps(meta)
     atomic_save_safetensors(tensors, Path(dst), header)
@@ -537,13 +560,14 @@ class Bench:
                               rank=self.args.rank, hash_inputs=False)
         return str(path)
 
-    def rotated_direction(self, seed: int) -> str:
-        """The rotated-V control file, keyed by the source direction file's digest and the rotation seed."""
-        full = self.paths["direction"]
-        path = self.work / "directions" / f"rotated_seed{seed}-{_key([digest(full), seed])}.safetensors"
+    def rotated_direction(self, seed: int, source: str | None = None, prefix: str = "rotated") -> str:
+        """A rotated control file (:func:`rotate_direction`) of ``source`` (default: the world's full V), keyed by
+        the source file's digest and the rotation seed."""
+        source = source or self.paths["direction"]
+        path = self.work / "directions" / f"{prefix}_seed{seed}-{_key([digest(source), seed])}.safetensors"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            rotate_direction(full, path, seed=seed)
+            rotate_direction(source, path, seed=seed)
         return str(path)
 
     def harm_reference(self) -> tuple[Path, dict[str, Any]]:
@@ -677,6 +701,16 @@ class Bench:
         adapter, seconds = self.fit("asft_harm", seed, self.args.lam_harm, harm, ["--model.anchor=harm_subspace"],
                                     uses={"direction": digest(harm)})
         return adapter, seconds, info
+
+    def asft_harm_rotated(self, seed: int) -> tuple[Path, float, dict[str, Any]]:
+        """:meth:`asft_harm`'s control: the same fit (``harm_subspace``, ``--lam_harm``, rank ``--harm_rank``) on the
+        harmful-reference file rotated by :func:`rotate_direction` with the row's seed: a random subspace of the
+        same rank, so the penalty's strength is the same and only the direction differs."""
+        harm, info = self.harm_direction()
+        rotated = self.rotated_direction(seed, harm, prefix="harm_rotated")
+        adapter, seconds = self.fit("asft_harm_rotated", seed, self.args.lam_harm, rotated,
+                                    ["--model.anchor=harm_subspace"], uses={"direction": digest(rotated)})
+        return adapter, seconds, {**info, "control": {"kind": "random_rotation", "seed": seed}}
 
     def full_settings(self, seed: int) -> dict[str, Any]:
         """What the full fine-tune depends on: SFT's :meth:`fit_settings` (same data files, n, p, epochs, batch size,
@@ -847,6 +881,8 @@ class Bench:
             adapter, seconds = self.asft_inside(seed)
         elif method == "asft_harm":
             adapter, seconds, extra["harm_reference"] = self.asft_harm(seed)  # which split built the reference
+        elif method == "asft_harm_rotated":
+            adapter, seconds, extra["harm_reference"] = self.asft_harm_rotated(seed)
         elif method == "sft_full":
             base, seconds, extra["full_finetune"] = self.sft_full(seed)
         else:  # restorations
@@ -1056,8 +1092,50 @@ def aggregate(results: Sequence[dict[str, Any]], seeds: Sequence[int], replicate
         "task_examples": len(first["fa"]),
         "judges": list(judges),
     }
+    controls = [control_comparison(control, method, by_method[control], by_method[method], seeds, j1, replicates)
+                for control, method in CONTROLS.items() if control in by_method and method in by_method]
     return {"eval": eval_block, "seeds": list(seeds), "rows": rows, "margin_hs_correlation": correlation,
-            "details": details}
+            "details": details, "controls": [c for c in controls if c is not None]}
+
+
+def control_comparison(control: str, method: str, control_runs: dict[int, dict[str, Any]],
+                       method_runs: dict[int, dict[str, Any]], seeds: Sequence[int], judge: str,
+                       replicates: int = 10_000) -> dict[str, Any] | None:
+    """A random-direction control against the method it controls, paired over the seeds both have.
+
+    Args:
+        control: The control's method name (e.g. ``asft_harm_rotated``).
+        method: The controlled method's name (e.g. ``asft_harm``).
+        control_runs: The control's :meth:`Bench.run` results by seed.
+        method_runs: The method's results by seed.
+        seeds: The seeds asked for, in order.
+        judge: The HS judge (the first).
+        replicates: Bootstrap replicates.
+
+    Returns:
+        ``{control, method, seeds, d_hs, d_hs_ci, d_fa, d_fa_ci, reading}`` (control minus method, points of %;
+        a positive HS change: the control leaves more harm, so the direction matters), or ``None`` without a shared
+        seed.
+    """
+    from asft_lightning.stats import bootstrap_paired_difference
+
+    paired = [s for s in seeds if s in control_runs and s in method_runs]
+    if not paired:
+        return None
+    hs = [[_pct(runs[s]["hs"][judge]) for s in paired] for runs in (control_runs, method_runs)]
+    fa = [[_pct(runs[s]["fa"]) for s in paired] for runs in (control_runs, method_runs)]
+    d_hs = bootstrap_paired_difference(hs[0], hs[1], replicates=replicates)
+    d_fa = bootstrap_paired_difference(fa[0], fa[1], replicates=replicates)
+    if d_hs.crosses_zero():
+        verdict = f"HS: interval crosses 0, the control does as well as {method} (the direction adds nothing shown)"
+    elif d_hs.lo > 0:
+        verdict = f"HS higher under the control: the direction matters (the control leaves more harm than {method})"
+    else:
+        verdict = f"HS lower under the control: the random direction does better than {method}"
+    fa_words = "FA: not distinguishable" if d_fa.crosses_zero() else f"FA {'higher' if d_fa.lo > 0 else 'lower'} under the control"
+    return {"control": control, "method": method, "seeds": paired,
+            "d_hs": _round(d_hs.mean), "d_hs_ci": d_hs.as_list(2), "d_fa": _round(d_fa.mean), "d_fa_ci": d_fa.as_list(2),
+            "reading": f"{verdict}; {fa_words}"}
 
 
 def _seed_order(seeds: Sequence[int]) -> Any:
@@ -1162,9 +1240,17 @@ def render_markdown(summary: dict[str, Any], header: Sequence[str] = ()) -> str:
             if "harm_reference" in extra:
                 h = extra["harm_reference"]
                 notes.append(f"- {r['method']} seed {seed}: harmful reference from {h['file']} ({h['pairs']} pairs, "
-                             f"{h['epochs']} epochs, seed {h['seed']}), subspace rank {h['rank']}")
+                             f"{h['epochs']} epochs, seed {h['seed']}), subspace rank {h['rank']}"
+                             + (f", rotated at random (seed {h['control']['seed']})" if h.get("control") else ""))
     if notes:
         lines += ["", *notes]
+    if summary.get("controls"):
+        lines += ["", "Random-direction controls, paired with the method they control (control minus method, same "
+                  "seeds and prompts; HS judge 1):", "",
+                  "| control | method | seeds | HS change | FA change | reading |", "|---|---|---|---|---|---|"]
+        for c in summary["controls"]:
+            lines.append(f"| {c['control']} | {c['method']} | {len(c['seeds'])} | {_ci(c['d_hs'], c['d_hs_ci'])} | "
+                         f"{_ci(c['d_fa'], c['d_fa_ci'])} | {c['reading']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -111,6 +111,38 @@ def test_margin_correlation_and_missing_sft():
         sb.aggregate([results[1], other], [42, 1], replicates=500)
 
 
+def test_controls_are_paired_with_the_method_they_control():
+    """asft_harm_rotated minus asft_harm, per seed on the same prompts: exact means, words for each outcome."""
+    rng = np.random.default_rng(1)
+    results = []
+    for seed in (42, 1):
+        fa = (rng.random(60) < 0.6).astype(int)
+        results.append(_result("sft", seed, _vec(30), fa))
+        results.append(_result("asft_harm", seed, _vec(10), fa))  # HS 25%
+        results.append(_result("asft_harm_rotated", seed, _vec(26), fa))  # HS 65%: the control leaves more harm
+    results.append(_result("asft_rotated", 42, _vec(5), _vec(30, 60)))  # its method (asft_safelora) is absent
+    summary = sb.aggregate(results, [42, 1], replicates=1000)
+    (c,) = summary["controls"]
+    assert (c["control"], c["method"], c["seeds"]) == ("asft_harm_rotated", "asft_harm", [42, 1])
+    assert c["d_hs"] == pytest.approx(40.0)  # 16 of 40 prompts answered only under the control, on each seed
+    assert 0.0 < c["d_hs_ci"][0] < 40.0 < c["d_hs_ci"][1]
+    assert c["d_fa"] == 0.0 and c["d_fa_ci"] == [0.0, 0.0]
+    assert c["reading"].startswith("HS higher under the control: the direction matters")
+    assert "FA: not distinguishable" in c["reading"]
+    md = sb.render_markdown(summary)
+    assert f"| asft_harm_rotated | asft_harm | 2 | 40.0 [{c['d_hs_ci'][0]:.1f}, {c['d_hs_ci'][1]:.1f}] | 0.0 [0.0, 0.0] |" in md
+    # A control only on seed 42 pairs over that seed alone; one as good as its method is called so.
+    same = [r for r in results if r["method"] != "asft_harm_rotated" or r["seed"] == 42]
+    same = [dict(r, hs={"keyword": _vec(10), "judge": _vec(10)}) if r["method"] == "asft_harm_rotated" else r
+            for r in same]
+    (c,) = sb.aggregate(same, [42, 1], replicates=500)["controls"]
+    assert c["seeds"] == [42] and (c["d_hs"], c["d_hs_ci"]) == (0.0, [0.0, 0.0])
+    assert "the control does as well as asft_harm" in c["reading"]
+    # No control in the run: an empty list, and no section in the Markdown.
+    plain = sb.aggregate([r for r in results if "rotated" not in r["method"]], [42, 1], replicates=500)
+    assert plain["controls"] == [] and "Random-direction controls" not in sb.render_markdown(plain)
+
+
 def test_writers_produce_the_issue_shape_and_words(tmp_path):
     summary = sb.aggregate(_hand_made(), [42, 1, 2], replicates=1000)
     md = sb.render_markdown(summary, ["# title", ""])
@@ -223,6 +255,8 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
 
     monkeypatch.setattr("asft_lightning.cli.lightning_cli", fake_fit)
     monkeypatch.setattr("asft_lightning.direction.extract_direction", fake_extract)
+    monkeypatch.setattr(sb, "rotate_direction",
+                        lambda src, dst, seed: Path(dst).write_text(json.dumps([Path(src).read_text(), seed])))
     work = iter(range(1000))
 
     def fresh(**over):  # a new cache each time: a cached fit would not call lightning_cli again
@@ -272,6 +306,14 @@ def test_cache_keys_depend_on_what_each_method_uses(tmp_path, monkeypatch):
     assert fresh(harm_rank=4).asft_harm(42)[0].parent.name != harm_fit
     assert fresh().asft_harm(1)[0].parent.name != harm_fit
     assert fresh(lam_safelora=50.0).asft_harm(42)[0].parent.name == harm_fit
+    # its control: the same lam and anchor on the rotated harmful file, a new rotation (and fit) per seed.
+    calls.clear()
+    control = b.asft_harm_rotated(42)
+    assert "--model.anchor=harm_subspace" in calls[-1] and _arg(calls[-1], "--model.lam") == "1.0"
+    assert "harm_rotated_seed42-" in _arg(calls[-1], "--model.direction") and control[0].parent.name != harm_fit
+    assert control[2]["control"] == {"kind": "random_rotation", "seed": 42} and control[2]["split"] == "harmful_restore"
+    assert fresh().asft_harm_rotated(1)[0].parent.name != control[0].parent.name
+    assert fresh(lam_harm=10.0).asft_harm_rotated(42)[0].parent.name != control[0].parent.name
     # asft_inside: the alignment direction's subspace file (with right vectors), its own lam.
     b = fresh()
     calls.clear()
@@ -360,6 +402,37 @@ def test_rotated_control_direction_keeps_the_spectrum_and_loses_the_subspace(tin
         assert torch.equal(mod.direction, again.modules[name].direction)  # deterministic per seed
 
 
+def test_rotated_control_of_a_low_rank_file_rotates_its_singular_vectors(tiny_world, tiny_direction, tmp_path):
+    """A subspace file (the harm_subspace control's input) is rotated by the same Q1, Q2 as the full V of the same
+    seed: its rotated U_k S_k V_k^T equals the best rank-k approximation of the rotated full V (float64 tolerance
+    of float32 storage), U_k stays orthonormal, and the subspace is a new one."""
+    import torch
+
+    from asft_lightning.direction import extract_direction, load_direction
+
+    k = 3
+    low = tmp_path / "subspace.safetensors"
+    extract_direction(tiny_world["aligned"], tiny_world["unaligned"], str(low), projector="subspace", rank=k)
+    sb.rotate_direction(tiny_direction, tmp_path / "full_rot.safetensors", seed=5)
+    sb.rotate_direction(low, tmp_path / "low_rot.safetensors", seed=5)
+    original = load_direction(low)
+    full_rot, low_rot = load_direction(tmp_path / "full_rot.safetensors"), load_direction(tmp_path / "low_rot.safetensors")
+    assert low_rot.metadata["control"] == {"kind": "random_rotation", "seed": 5, "source": str(low)}
+    for name, mod in low_rot.modules.items():
+        u, r = mod.basis.double(), mod.right.double()
+        s = mod.singular[:k].double()
+        assert mod.kind == "subspace" and u.shape == original.modules[name].basis.shape
+        torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(mod.singular, original.modules[name].singular)  # the spectrum is kept
+        w = full_rot.modules[name].direction.double()
+        uw, sw, vw = torch.linalg.svd(w, full_matrices=False)
+        best = uw[:, :k] @ torch.diag(sw[:k]) @ vw[:k]
+        torch.testing.assert_close(u @ torch.diag(s) @ r.T, best, atol=1e-5 * float(w.norm()), rtol=0)
+        # A different subspace: the projectors' overlap ||U'^T U||_F^2 / k is far from 1.
+        u0 = original.modules[name].basis.double()
+        assert float((u.T @ u0).square().sum()) / k < 0.7
+
+
 def test_tiny_end_to_end_and_resume(tmp_path, monkeypatch):
     """aligned + SFT on the tiny world over two seeds: the JSON has the issue's shape; a second run only reads caches."""
     from asft_lightning.tiny import REFUSAL, build_tiny_demo_world
@@ -423,8 +496,8 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     calls = []
     fit = asft_lightning.cli.lightning_cli
     monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: (calls.append(argv), fit(argv))[1])
-    new = ["asft_harm", "sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "resta",
-           "safemerge"]
+    new = ["asft_harm", "asft_harm_rotated", "sft_restore_curvature", "sft_restore_curvature_attack",
+           "sft_restore_lbfgs", "resta", "safemerge"]
     argv = ["--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
             "--methods", ",".join(["sft", *new]), "--seeds", "42", "--n", "16", "--epochs", "1", "--rank", "4",
             "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--safety_n", "16",
@@ -444,9 +517,17 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     (ref,) = [c for c in calls if "/harm_reference-seed0-" in _arg(c, "--model.adapter_output")]
     assert _arg(ref, "--data.harmful_data") == str(root / "harmful_restore.jsonl")
     assert _arg(ref, "--data.harmful_ratio") == "1.0" and _arg(ref, "--data.seed") == "0"
-    (anchored,) = [c for c in calls if "--model.anchor=harm_subspace" in c]
+    (anchored,) = [c for c in calls if "/asft_harm-seed42-" in _arg(c, "--model.adapter_output")]
     harm_file = _arg(anchored, "--model.direction")
     assert load_direction(harm_file).reference == "harmful" and _arg(anchored, "--model.lam") == "5.0"
+    # Its control: the same fit on the harmful subspace rotated with the row's seed (same rank, a random subspace).
+    (control,) = [c for c in calls if "/asft_harm_rotated-seed42-" in _arg(c, "--model.adapter_output")]
+    assert "--model.anchor=harm_subspace" in control and _arg(control, "--model.lam") == "5.0"
+    rotated = load_direction(_arg(control, "--model.direction"))
+    assert rotated.metadata["control"] == {"kind": "random_rotation", "seed": 42, "source": harm_file}
+    assert rotated.reference == "harmful" and set(rotated.modules) == set(load_direction(harm_file).modules)
+    (pair,) = summary["controls"]
+    assert (pair["control"], pair["method"], pair["seeds"]) == ("asft_harm_rotated", "asft_harm", [42])
     info = extra["asft_harm"]["harm_reference"]
     assert (info["split"], info["file"], info["pairs"], info["rank"]) == (
         "harmful_restore", "harmful_restore.jsonl", 16, 4)
@@ -463,6 +544,7 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     assert _arg(safety, "--data.harmful_data") == str(root / "refusals.jsonl")
     md = (tmp_path / "res" / "safety.md").read_text()
     assert "restored with harmful.jsonl, solver fisher" in md and "harmful reference from harmful_restore.jsonl" in md
+    assert "rotated at random (seed 42)" in md and "| asft_harm_rotated | asft_harm | 1 |" in md
     # Resume: nothing is trained, extracted, restored, edited or evaluated again.
     for target in ("asft_lightning.cli.lightning_cli", "asft_lightning.evaluate.evaluate",
                    "asft_lightning.direction.extract_direction", "asft_lightning.restore_command.restore_adapter",
