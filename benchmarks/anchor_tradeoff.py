@@ -57,12 +57,17 @@ def collect(inputs: Sequence[tuple[str, Mapping[str, Any], str]], methods: Seque
 
     Returns:
         ``{"sft": {hs, seeds}, "points": [{method, strength, seeds, hs, d_hs, d_hs_ci, d_fa, d_fa_ci,
-        benign_refusal, hs_cut, meets_target, source}]}``; ``hs_cut`` is ``-d_hs / SFT's HS`` of the same table.
+        benign_refusal, hs_cut, meets_target, source}], "controls": [...]}``; ``hs_cut`` is ``-d_hs / SFT's HS`` of
+        the same table. A row met again with the same strength and figures (the same cached run in two files) is
+        one point. ``controls``: the tables' paired control-minus-method comparisons (``safety_bench``'s
+        ``controls``) of the kept methods, each with its ``strength`` and ``outside_noise`` (the control's HS is
+        higher, the interval's lower end above 0).
 
     Raises:
         ValueError: a file without an SFT row, or seeds differing between the tables.
     """
     points: list[dict[str, Any]] = []
+    controls: list[dict[str, Any]] = []
     sft: dict[str, Any] | None = None
     for label, obj, source in inputs:
         for strength, summary in _summaries(obj, label, source):
@@ -86,12 +91,31 @@ def collect(inputs: Sequence[tuple[str, Mapping[str, Any], str]], methods: Seque
                     "d_fa_ci": r["d_fa_ci"], "benign_refusal": r["benign_refusal"], "hs_cut": round(cut, 4),
                     "meets_target": bool(meets), "source": source,
                 })
+            for c in summary.get("controls", []):
+                if methods is None or c["control"] in methods:
+                    controls.append({**c, "strength": strength, "outside_noise": c["d_hs_ci"][0] > 0,
+                                     "source": source})
     if sft is None:
         raise ValueError("no input tables")
-    points = _collapse_unswept(points)
+    points = _dedupe(_collapse_unswept(points))
+    controls = _dedupe(controls, ("control", "method", "strength", "d_hs", "d_hs_ci", "d_fa", "d_fa_ci"))
     order = list(methods) if methods is not None else list(dict.fromkeys(p["method"] for p in points))
     points.sort(key=lambda p: order.index(p["method"]) if p["method"] in order else len(order))
-    return {"sft": sft, "points": points}
+    return {"sft": sft, "points": points, "controls": controls}
+
+
+def _dedupe(items: list[dict[str, Any]],
+            keys: Sequence[str] = ("method", "strength", "hs", "d_hs", "d_hs_ci", "d_fa", "d_fa_ci")
+            ) -> list[dict[str, Any]]:
+    """The first of items equal on ``keys`` (one cached run read from two files)."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        key = json.dumps([item[k] for k in keys])
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def _collapse_unswept(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,6 +160,15 @@ def render_markdown(report: Mapping[str, Any], command: str = "") -> str:
     met = [p for p in report["points"] if p["meets_target"]]
     lines += ["", f"{len(met)} of {len(report['points'])} points meet the target." if met
               else "No point meets the target.", ""]
+    if report.get("controls"):
+        lines += ["Random-direction controls at the same strength, paired with the method they control (control "
+                  "minus method, same seeds and prompts): the direction matters when the control's HS is higher "
+                  "with the interval's lower end above 0.", "",
+                  "| control | method | strength | HS change | FA change | outside the noise |", "|---|---|---|---|---|---|"]
+        for c in report["controls"]:
+            lines.append(f"| {c['control']} | {c['method']} | {c['strength'] or '-'} | {c['d_hs']:+.1f}{_ci(c['d_hs_ci'])} "
+                         f"| {c['d_fa']:+.1f}{_ci(c['d_fa_ci'])} | {'yes' if c['outside_noise'] else 'no'} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -67,6 +67,27 @@ def test_plain_file_label_method_filter_and_seed_check(tmp_path):
         at.collect([("", {"x": 1}, "d.json")])
 
 
+def test_duplicate_rows_and_controls():
+    """The same cached row read from a sweep and from a plain file is one point; the tables' control comparisons
+    come with their strength and the verdict, the same comparison from two files once."""
+    harm = _row("asft_harm", 32.0, -18.0, -2.0, -8.0)
+    control = {"control": "asft_harm_rotated", "method": "asft_harm", "seeds": [42, 1, 2], "d_hs": 9.5,
+               "d_hs_ci": [6.0, 13.0], "d_fa": 0.5, "d_fa_ci": [-3.0, 4.0], "reading": "..."}
+    plain = {**_summary([harm, _row("asft_harm_rotated", 41.5, -8.5, -1.5, -7.0)]), "controls": [control]}
+    sweep = {"sweep": "lam_harm", "values": {"1000": _summary([harm]), "100": _summary([_row("asft_harm", 35.0,
+                                                                                             -15.0, -1.0, -3.0)])}}
+    report = at.collect([("", sweep, "s.json"), ("lam_harm=1000", plain, "c.json"), ("lam_harm=1000", plain, "d.json")])
+    assert [(p["method"], p["strength"]) for p in report["points"]] == [
+        ("asft_harm", "lam_harm=1000"), ("asft_harm", "lam_harm=100"), ("asft_harm_rotated", "lam_harm=1000")]
+    (c,) = report["controls"]
+    assert (c["strength"], c["outside_noise"], c["d_hs"]) == ("lam_harm=1000", True, 9.5)
+    text = at.render_markdown(report)
+    assert "| asft_harm_rotated | asft_harm | lam_harm=1000 | +9.5 [+6.0, +13.0] | +0.5 [-3.0, +4.0] | yes |" in text
+    weak = {**plain, "controls": [{**control, "d_hs_ci": [-1.0, 13.0]}]}
+    assert at.collect([("x", weak, "w.json")])["controls"][0]["outside_noise"] is False
+    assert at.collect([("x", weak, "w.json")], methods=["asft_harm"])["controls"] == []  # the control not kept
+
+
 def test_main_writes_outputs(tmp_path):
     src = tmp_path / "sweep.json"
     src.write_text(json.dumps(_sweep()))
