@@ -27,8 +27,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import asft_lightning.strategies  # noqa: F401  (registers the deepspeed_cpu* strategy names)
 
-EXTRA_COMMANDS = ("direction", "safelora", "resta", "safemerge", "evaluate", "restore", "prepare-demo",
-                  "tiny-world", "demo", "basin")
+EXTRA_COMMANDS = ("direction", "harm-direction", "safelora", "resta", "safemerge", "evaluate", "restore",
+                  "prepare-demo", "tiny-world", "demo", "basin")
 
 
 class AsFTCLI(LightningCLI):
@@ -199,8 +199,8 @@ def tiny_world(root: str = ".cache/asft-tiny", seed: int = 0) -> dict:
 
 
 USAGE = (
-    "usage: asft [--debug] {fit,validate,test,direction,safelora,resta,safemerge,evaluate,restore,prepare-demo,"
-    "tiny-world,demo,basin} ...  (asft SUBCOMMAND --help)"
+    "usage: asft [--debug] {fit,validate,test,direction,harm-direction,safelora,resta,safemerge,evaluate,restore,"
+    "prepare-demo,tiny-world,demo,basin} ...  (asft SUBCOMMAND --help)"
 )
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
@@ -229,6 +229,8 @@ def run(argv: list[str], from_console: bool = False) -> None:
             from asft_lightning.restore_command import restore_adapter as fn
         elif argv[0] == "resta":
             from asft_lightning.resta import resta as fn
+        elif argv[0] == "harm-direction":
+            from asft_lightning.harm_reference import harm_direction as fn
         elif argv[0] == "safemerge":
             from asft_lightning.safemerge import safemerge as fn
         elif argv[0] == "prepare-demo":
