@@ -207,7 +207,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     ax.set_ylabel("HS change vs SFT (points; down = safer)")
     ax.set_title(f"Anchors over strength, seeds {', '.join(map(str, report['sft']['seeds']))}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
