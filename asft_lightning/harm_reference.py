@@ -117,7 +117,7 @@ def fine_tune_on_harm(aligned: str, harmful_data: str, task_data: str, out: Path
                       learning_rate: float, target_modules: list[str] | str, batch_size: int, max_length: int,
                       val_size: int, seed: int, accelerator: str = "auto") -> Path:
     """Step 1: ``asft fit --model.lam 0 --data.harmful_ratio 1`` into ``out``; returns the adapter directory."""
-    from asft_lightning.cli import lightning_cli
+    from asft_lightning.fit_cli import lightning_cli
 
     if out.exists():
         shutil.rmtree(out)
