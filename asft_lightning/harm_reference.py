@@ -37,7 +37,7 @@ def _check(aligned: str, harmful_data: str, task_data: str, output: str, referen
     missing = [f"--{flag} {path}" for flag, path in (("aligned", aligned), ("harmful_data", harmful_data),
                                                        ("task_data", task_data)) if not Path(path).exists()]
     if missing:
-        raise InputNotFoundError(f"asft harm-direction: no such file or directory: {', '.join(missing)}")
+        raise InputNotFoundError(f"no such file or directory: {', '.join(missing)}")
     problems = []
     for flag, value in (("rank", rank), ("n", n), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -47,7 +47,7 @@ def _check(aligned: str, harmful_data: str, task_data: str, output: str, referen
     if not output.endswith(".safetensors"):
         problems.append(f"--output {output}: a direction file must end in .safetensors")
     if problems:
-        raise ArgumentError("asft harm-direction: " + "; ".join(problems))
+        raise ArgumentError("; ".join(problems))
     if not overwrite:
         for flag, path in (("output", Path(output)), ("reference_dir", reference_dir)):
             if path.exists():
@@ -79,7 +79,8 @@ def harm_direction(
     --projector subspace``) to ``output``. The adapter stays in ``reference_dir``.
 
     Args:
-        aligned: the safety-aligned model the anchored fine-tune will start from (HF directory or hub id).
+        aligned: the safety-aligned model the anchored fine-tune will start from (a local Hugging Face
+            checkpoint directory, as ``asft direction`` reads it).
         harmful_data: attack-style prompt / response pairs (JSONL, ``prompt`` and ``response``); never the prompts
             the fine-tune will be evaluated on.
         task_data: the task data of the later fit; only ``val_size`` of its rows are read, as the reference
@@ -96,7 +97,7 @@ def harm_direction(
         seed: its seed (data order and LoRA initialisation).
         reference_dir: where the reference fine-tune runs and keeps its adapter (default ``<output>.reference``).
         accelerator: Lightning accelerator of the fine-tune (``auto``, ``cpu``, ``gpu``).
-        overwrite: replace an existing ``output`` and ``reference_dir``.
+        overwrite: replace an existing ``output`` and delete an existing ``reference_dir`` first.
 
     Returns:
         ``{"output", "reference_adapter", "rank", "pairs", "epochs", "seed", "modules"}``, also printed as JSON.
