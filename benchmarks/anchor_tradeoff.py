@@ -36,6 +36,8 @@ HS_CUT = 0.70
 """Issue 13's target: the HS cut against SFT, as a fraction of SFT's HS."""
 FA_FLOOR = -1.0
 """Issue 13's target: lowest admissible lower end of the FA change's 95% interval (points)."""
+FIGURES = ("hs", "d_hs", "d_hs_ci", "d_fa", "d_fa_ci", "benign_refusal")
+"""A point's measured figures: equal figures mean the same run (collapsed across a sweep, or read from two files)."""
 
 
 def _summaries(obj: Mapping[str, Any], label: str, source: str) -> list[tuple[str, Mapping[str, Any]]]:
@@ -104,8 +106,7 @@ def collect(inputs: Sequence[tuple[str, Mapping[str, Any], str]], methods: Seque
     return {"sft": sft, "points": points, "controls": controls}
 
 
-def _dedupe(items: list[dict[str, Any]],
-            keys: Sequence[str] = ("method", "strength", "hs", "d_hs", "d_hs_ci", "d_fa", "d_fa_ci")
+def _dedupe(items: list[dict[str, Any]], keys: Sequence[str] = ("method", "strength", *FIGURES)
             ) -> list[dict[str, Any]]:
     """The first of items equal on ``keys`` (one cached run read from two files)."""
     seen: set[str] = set()
@@ -121,14 +122,13 @@ def _dedupe(items: list[dict[str, Any]],
 def _collapse_unswept(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A method whose row is the same at every value of a sweep (its strength is another setting, e.g. the rotated
     control in a sweep of ``lam_inside``) is one point without a strength, not one per value."""
-    figures = ("hs", "d_hs", "d_hs_ci", "d_fa", "d_fa_ci", "benign_refusal")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in points:
         groups.setdefault((p["source"], p["method"]), []).append(p)
     out = []
     for p in points:
         group = groups[(p["source"], p["method"])]
-        if len(group) > 1 and all([q[k] for k in figures] == [group[0][k] for k in figures] for q in group):
+        if len(group) > 1 and all([q[k] for k in FIGURES] == [group[0][k] for k in FIGURES] for q in group):
             if p is group[0]:
                 out.append({**p, "strength": ""})
         else:
