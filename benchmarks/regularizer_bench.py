@@ -18,7 +18,8 @@ Every speed or memory figure is reported as a ratio against a baseline measured 
    full steps (forward, loss, backward, AdamW) on a fixed synthetic batch, interleaved. Two ``lam = 1`` variants:
    the default ``projector`` anchor with the full-``V`` file of section 3, and ``anchor = "inside"`` with a
    rank-32 subspace file (``extract_direction(..., projector="subspace", rank=32, reference="base")``) of the same
-   checkpoint pair.
+   checkpoint pair; ``--inside_k 8`` runs both sections at the ``harm_subspace`` anchor's rank (the same
+   ``inside_energy`` term, so the same cost at the same ``k``).
 3. **Direction-extraction peak memory** of :func:`asft_lightning.direction.extract_direction` on a multi-shard
    checkpoint pair, against the sum of both checkpoints' sizes.
 
@@ -68,7 +69,8 @@ from benchlib import (
     write_report,
 )
 
-#: ``k`` of the ``inside`` anchor's basis in both sections (the rebuilt SmolLM2 world's runs use ``--rank 32``).
+#: Default ``k`` of the ``inside`` anchor's basis in both sections (the rebuilt SmolLM2 world's runs use ``--rank 32``;
+#: ``--inside_k 8`` measures the ``harm_subspace`` anchor's size, the same ``inside_energy`` term).
 INSIDE_RANK = 32
 #: Rank of the synthetic alignment perturbation of every q_proj / v_proj (section 2/3's ``aligned`` checkpoint):
 #: at least ``INSIDE_RANK``, else ``extract_direction`` caps the basis at the direction's numerical rank.
@@ -604,10 +606,10 @@ def extraction_section(world: dict[str, Any], work: Path, opts: argparse.Namespa
     }
 
 
-def inside_direction(world: dict[str, Any], work: Path, log) -> dict[str, Any]:
+def inside_direction(world: dict[str, Any], work: Path, rank: int, log) -> dict[str, Any]:
     """The ``inside`` anchor's direction file for section 2: a base-reference subspace basis of the world's pair.
 
-    What ``asft direction --projector subspace --rank INSIDE_RANK --reference base`` writes, made in-process
+    What ``asft direction --projector subspace --rank <rank> --reference base`` writes, made in-process
     (section 3 measures the extraction's memory; this file only feeds the step benchmark).
     """
     from asft_lightning.direction import extract_direction
@@ -619,13 +621,13 @@ def inside_direction(world: dict[str, Any], work: Path, log) -> dict[str, Any]:
         world["base"],
         str(out_file),
         projector="subspace",
-        rank=INSIDE_RANK,
+        rank=rank,
         reference="base",
         dtype="float32",
         hash_inputs=False,
     )
     ranks = sorted({md.basis.shape[1] for md in ds.modules.values()})
-    log(f"  inside direction (subspace, rank {INSIDE_RANK}, kept k {ranks}): {time.perf_counter() - t0:.1f} s")
+    log(f"  inside direction (subspace, rank {rank}, kept k {ranks}): {time.perf_counter() - t0:.1f} s")
     return {"file": str(out_file), "kept_ranks": ranks, "modules": len(ds.modules)}
 
 
@@ -824,7 +826,7 @@ def step_report(
         f"r=8, alpha=32, dropout 0.05 on q_proj/v_proj ({res['lora_modules']} layers, {res['trainable']} trainable "
         f"parameters); direction file from section 3 (full V, float32) for the default `projector` anchor; for "
         "`anchor='inside'` a subspace file from the same pair (`extract_direction(aligned, base, "
-        f"projector='subspace', rank={INSIDE_RANK}, reference='base')`, k = "
+        f"projector='subspace', rank={res['inside_k']}, reference='base')`, k = "
         f"{'/'.join(str(k) for k in res['inside_ranks'])}, float32). Batch {res['batch']} x {res['seq']} random "
         "tokens, loss on the second half. One step = `zero_grad` + `module._step(batch, with_grad=True)` + "
         f"`loss.backward()` + `AdamW.step()`, no Trainer, module in train mode. The {len(res['times'])} modules are "
@@ -840,7 +842,7 @@ def step_report(
               f"{res['paired_lam1_lam0']:.4f}", f"{mn['lam1'] / mn['lam0']:.4f}"],
              ["anchor, `lam=1`, vs no direction", "", "", f"{med['lam1'] / med['none']:.4f}",
               f"{res['paired_lam1_none']:.4f}", f"{mn['lam1'] / mn['none']:.4f}"],
-             [f"**anchor=inside (k={INSIDE_RANK}), `lam=1`, vs `lam=0`**", fmt_time(med["inside"]),
+             [f"**anchor=inside (k={res['inside_k']}), `lam=1`, vs `lam=0`**", fmt_time(med["inside"]),
               fmt_time(mn["inside"]), f"**{ri0:.4f}**", f"{res['paired_inside_lam0']:.4f}",
               f"{mn['inside'] / mn['lam0']:.4f}"],
              ["anchor=inside, `lam=1`, vs no direction (plain LoRA)", "", "", f"{rin:.4f}",
@@ -882,19 +884,19 @@ def step_report(
             cm["lam1"] / cm["lam0"] <= 1.05,
         ),
         (
-            "AsFTModule step time anchor=inside lam=1 / lam=0 (wall clock, ratio of medians)",
+            f"AsFTModule step time anchor=inside (k={res['inside_k']}) lam=1 / lam=0 (wall clock, ratio of medians)",
             "<= 1.05",
             f"{ri0:.4f}",
             ri0 <= 1.05,
         ),
         (
-            "AsFTModule step CPU time anchor=inside lam=1 / lam=0 (ratio of medians)",
+            f"AsFTModule step CPU time anchor=inside (k={res['inside_k']}) lam=1 / lam=0 (ratio of medians)",
             "<= 1.05",
             f"{ci0:.4f}",
             ci0 <= 1.05,
         ),
         (
-            "AsFTModule step time anchor=inside lam=1 / no direction (plain LoRA)",
+            f"AsFTModule step time anchor=inside (k={res['inside_k']}) lam=1 / no direction (plain LoRA)",
             "(reported; no target)",
             f"{rin:.4f}",
             True,
@@ -927,6 +929,13 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", action="store_true", help="also profile one lam=1 (projector, inside) and one lam=0 step"
     )
     p.add_argument("--skip", default="", help="comma list of sections to skip: penalty,step")
+    p.add_argument(
+        "--inside_k",
+        type=int,
+        default=INSIDE_RANK,
+        help=f"k of the inside_energy basis (anchors inside / harm_subspace), both sections (default {INSIDE_RANK}; "
+        "the harm_subspace anchor's files use 8)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -945,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Sizes of the run.
-    opts.dim, opts.rank_k, opts.inside_k = 4096, 256, INSIDE_RANK
+    opts.dim, opts.rank_k = 4096, 256
     opts.dense_reps = 2 if opts.quick else 5
     opts.reps = 3 if opts.quick else 7
     opts.layers = None
@@ -980,10 +989,10 @@ def main(argv: list[str] | None = None) -> int:
             log("3. checkpoints + direction extraction")
             world = build_checkpoints(work, opts, log)
             ext = extraction_section(world, work, opts, log)
-            inside = inside_direction(world, work, log)
+            inside = inside_direction(world, work, opts.inside_k, log)
             log("2. step-time overhead")
             step = step_section(world, ext["direction_file"], inside["file"], opts, log)
-            step["inside_ranks"] = inside["kept_ranks"]
+            step["inside_ranks"], step["inside_k"] = inside["kept_ranks"], opts.inside_k
             lines, t = step_report(step, world)
             sections += ["## 2. Training-step overhead of AsFTModule", "", *lines, ""]
             targets += t

@@ -72,3 +72,30 @@ def test_inside_penalty_is_the_packages_anchor_term() -> None:
     torch.testing.assert_close(
         rb.penalty_fn("inside", {"U_inside": U})(A, B), anchor_penalty("inside")(md, A, B), rtol=0, atol=0
     )
+
+
+def test_step_report_names_the_inside_rank_it_ran_with() -> None:
+    """``--inside_k 8`` (the ``harm_subspace`` anchor's size): the step report's table and targets carry that ``k``
+    and the ratio of the measured medians, not the default 32."""
+    times = {"lam1": [1.0, 1.1], "inside": [1.02, 1.04], "lam0": [1.0, 1.0], "none": [0.98, 1.0]}
+    med = {k: sum(v) / 2 for k, v in times.items()}
+    res = {
+        "times": times, "median": med, "min": {k: min(v) for k, v in times.items()}, "cpu_median": dict(med),
+        "isolated": {"with_grad": 0.01, "inside_with_grad": 0.005, "value_only": 0.002},
+        "batch": 4, "seq": 128, "final_drift": 0.9, "final_penalty": 1e-3, "final_penalty_inside": 2e-4,
+        "inside_k": 8, "inside_ranks": [8], "lora_modules": 60, "trainable": 460800,
+        "paired_inside_lam0": 1.03, "paired_inside_none": 1.04, "paired_lam0_none": 1.01, "paired_lam1_lam0": 1.05,
+        "paired_lam1_none": 1.06,
+    }
+    lines, targets = rb.step_report(res, {"layers": 30, "params": 134.5e6})
+    text = "\n".join(lines)
+    assert "anchor=inside (k=8)" in text and "rank=8, reference='base'" in text and "k=32" not in text
+    inside = {name: (measured, met) for name, _, measured, met in targets if "anchor=inside" in name}
+    assert set(inside) == {
+        "AsFTModule step time anchor=inside (k=8) lam=1 / lam=0 (wall clock, ratio of medians)",
+        "AsFTModule step CPU time anchor=inside (k=8) lam=1 / lam=0 (ratio of medians)",
+        "AsFTModule step time anchor=inside (k=8) lam=1 / no direction (plain LoRA)",
+    }
+    wall = inside["AsFTModule step time anchor=inside (k=8) lam=1 / lam=0 (wall clock, ratio of medians)"]
+    assert wall == (f"{1.03 / 1.0:.4f}", True)
+    assert inside["AsFTModule step time anchor=inside (k=8) lam=1 / no direction (plain LoRA)"][0] == f"{1.03 / 0.99:.4f}"
