@@ -13,7 +13,8 @@ Every method goes through the user-facing code paths: ``asft fit`` (LightningCLI
 
 Methods run only when named in ``--methods`` (:data:`OPT_IN`; the default run is unchanged):
 
-* ``asft_normalized``, ``asft_components``: issue 13's candidate anchors (see :data:`METHODS`).
+* ``asft_normalized``, ``asft_components``: issue 13's candidate anchors (see :data:`METHODS`);
+  ``asft_normalized_rotated`` is ``asft_normalized``'s random-direction control (:data:`CONTROLS`).
 * ``asft_harm``: the harmful-reference anchor. A short LoRA fine-tune of the aligned model on the restoration
   split's pairs only (``harmful_restore.jsonl``; never the attack or evaluation files; seed 0, so built once), then
   ``asft direction --reference harmful --projector subspace --rank --harm_rank`` on that adapter, then ``asft fit
@@ -95,6 +96,8 @@ METHODS = {
     "norm and spectrum, random subspaces) - what the penalty does without the alignment direction's subspace",
     "asft_sign": "AsFT published projector + sign-aware extension (ours)",
     "asft_normalized": "AsFT, published C divided by its top eigenvalue (V V^T / sigma_1^2; model.anchor normalized)",
+    "asft_normalized_rotated": "control of asft_normalized: the same fit (model.anchor normalized, --lam_normalized) "
+    "with the randomly rotated V of asft_rotated (same spectrum, random subspaces)",
     "asft_components": "AsFT, exact subspace projector + per-component sign term sum_i relu(-u_i^T B A v_i)^2 "
     "(model.component_weight)",
     "asft_inside": "AsFT, anchor inside the alignment subspace (model.anchor inside, --lam_inside): ||U_k U_k^T B A||^2 "
@@ -123,7 +126,8 @@ METHODS = {
 }
 RESTORING = ("sft_restore_curvature", "sft_restore_curvature_attack", "sft_restore_lbfgs", "sft_restore_first_order",
              "asft_restore")
-CANDIDATES = ("asft_normalized", "asft_components", "asft_inside", "asft_harm", "asft_harm_rotated")
+CANDIDATES = ("asft_normalized", "asft_normalized_rotated", "asft_components", "asft_inside", "asft_harm",
+              "asft_harm_rotated")
 """Issue 13's candidate anchors: run only when named in ``--methods`` (the default run is unchanged)."""
 FULL_ROWS = ("sft_full", "sft_full_restore")
 """Issue 14 item 5: a full-parameter fine-tune attack and its restoration (evaluated on the full fine-tune as base)."""
@@ -131,7 +135,8 @@ POST_HOC_ROWS = ("resta", "safemerge", "sft_restore_curvature_attack", "sft_rest
 """Issue 14's baselines, restoration variants and full fine-tune rows: run only when named in ``--methods`` (the
 default run is unchanged)."""
 OPT_IN = CANDIDATES + POST_HOC_ROWS
-CONTROLS = {"asft_rotated": "asft_safelora", "asft_harm_rotated": "asft_harm"}
+CONTROLS = {"asft_rotated": "asft_safelora", "asft_normalized_rotated": "asft_normalized",
+            "asft_harm_rotated": "asft_harm"}
 """Random-direction controls and the method each controls (same strength): when both are in a run, the summary's
 ``controls`` holds their paired difference (control minus method, same seeds and prompts)."""
 SEED_FREE = ("aligned",)
@@ -872,6 +877,10 @@ class Bench:
         elif method == "asft_normalized":
             adapter, seconds = self.fit("asft_normalized", seed, a.lam_normalized, full, ["--model.anchor=normalized"],
                                         uses={"direction": digest(full)})
+        elif method == "asft_normalized_rotated":
+            rotated = self.rotated_direction(seed)
+            adapter, seconds = self.fit("asft_normalized_rotated", seed, a.lam_normalized, rotated,
+                                        ["--model.anchor=normalized"], uses={"direction": digest(rotated)})
         elif method == "asft_components":
             comp = self.components_direction()
             adapter, seconds = self.fit("asft_components", seed, a.lam_subspace, comp,

@@ -496,11 +496,12 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     calls = []
     fit = asft_lightning.cli.lightning_cli
     monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: (calls.append(argv), fit(argv))[1])
-    new = ["asft_harm", "asft_harm_rotated", "sft_restore_curvature", "sft_restore_curvature_attack",
+    new = ["asft_harm", "asft_harm_rotated", "asft_normalized", "asft_normalized_rotated", "sft_restore_curvature", "sft_restore_curvature_attack",
            "sft_restore_lbfgs", "resta", "safemerge"]
     argv = ["--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
             "--methods", ",".join(["sft", *new]), "--seeds", "42", "--n", "16", "--epochs", "1", "--rank", "4",
-            "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--safety_n", "16",
+            "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--lam_normalized", "3",
+            "--safety_n", "16",
             "--safety_epochs", "1", "--safemerge_threshold", "1.0", "--restore_harmful", "8", "--restore_retain", "8",
             "--restore_steps", "2", "--target_margin", "0.01", "--trust_region", "0.05", "--cg_max_iter", "3", "--judges", "keyword", "--eval_benign", "2", "--eval_task",
             "4", "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates",
@@ -526,8 +527,17 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     rotated = load_direction(_arg(control, "--model.direction"))
     assert rotated.metadata["control"] == {"kind": "random_rotation", "seed": 42, "source": harm_file}
     assert rotated.reference == "harmful" and set(rotated.modules) == set(load_direction(harm_file).modules)
-    (pair,) = summary["controls"]
-    assert (pair["control"], pair["method"], pair["seeds"]) == ("asft_harm_rotated", "asft_harm", [42])
+    # asft_normalized's control: the same normalized fit on the world's V rotated with the row's seed.
+    (normalized,) = [c for c in calls if "/asft_normalized-seed42-" in _arg(c, "--model.adapter_output")]
+    (n_control,) = [c for c in calls if "/asft_normalized_rotated-seed42-" in _arg(c, "--model.adapter_output")]
+    for c in (normalized, n_control):
+        assert "--model.anchor=normalized" in c and _arg(c, "--model.lam") == "3.0"
+    assert _arg(normalized, "--model.direction") == str(root / "direction.safetensors")
+    n_rotated = load_direction(_arg(n_control, "--model.direction"))
+    assert n_rotated.metadata["control"] == {"kind": "random_rotation", "seed": 42,
+                                             "source": str(root / "direction.safetensors")}
+    assert {(p["control"], p["method"], tuple(p["seeds"])) for p in summary["controls"]} == {
+        ("asft_harm_rotated", "asft_harm", (42,)), ("asft_normalized_rotated", "asft_normalized", (42,))}
     info = extra["asft_harm"]["harm_reference"]
     assert (info["split"], info["file"], info["pairs"], info["rank"]) == (
         "harmful_restore", "harmful_restore.jsonl", 16, 4)
