@@ -933,8 +933,8 @@ def main(argv: list[str] | None = None) -> int:
         "--inside_k",
         type=int,
         default=INSIDE_RANK,
-        help=f"k of the inside_energy basis (anchors inside / harm_subspace), both sections (default {INSIDE_RANK}; "
-        "the harm_subspace anchor's files use 8)",
+        help=f"k of the inside_energy basis (anchors inside / harm_subspace), both sections, 1 to {ALIGN_RANK} "
+        f"(default {INSIDE_RANK}; the harm_subspace anchor's files use 8)",
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -944,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unaligned", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
+    if not 1 <= opts.inside_k <= ALIGN_RANK:
+        # section 2's aligned checkpoint is a rank-ALIGN_RANK perturbation: a larger basis would be capped silently
+        p.error(f"--inside_k must be in [1, {ALIGN_RANK}] (the synthetic alignment's rank), got {opts.inside_k}")
 
     import torch
 

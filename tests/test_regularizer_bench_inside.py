@@ -99,3 +99,12 @@ def test_step_report_names_the_inside_rank_it_ran_with() -> None:
     wall = inside["AsFTModule step time anchor=inside (k=8) lam=1 / lam=0 (wall clock, ratio of medians)"]
     assert wall == (f"{1.03 / 1.0:.4f}", True)
     assert inside["AsFTModule step time anchor=inside (k=8) lam=1 / no direction (plain LoRA)"][0] == f"{1.03 / 0.99:.4f}"
+
+
+@pytest.mark.parametrize("k", ["0", "33"])
+def test_inside_k_outside_the_synthetic_alignment_rank_is_refused(k: str, capsys) -> None:
+    """A basis the rank-32 synthetic alignment cannot fill would be capped silently: refused before any work."""
+    with pytest.raises(SystemExit) as e:
+        rb.main(["--inside_k", k, "--skip", "penalty,step"])
+    assert e.value.code == 2
+    assert f"--inside_k must be in [1, 32] (the synthetic alignment's rank), got {k}" in capsys.readouterr().err

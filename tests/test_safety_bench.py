@@ -496,13 +496,12 @@ def test_tiny_issue_13_14_methods_end_to_end(tmp_path, monkeypatch):
     calls = []
     fit = asft_lightning.cli.lightning_cli
     monkeypatch.setattr("asft_lightning.cli.lightning_cli", lambda argv: (calls.append(argv), fit(argv))[1])
-    new = ["asft_harm", "asft_harm_rotated", "asft_normalized", "asft_normalized_rotated", "sft_restore_curvature", "sft_restore_curvature_attack",
-           "sft_restore_lbfgs", "resta", "safemerge"]
+    new = ["asft_harm", "asft_harm_rotated", "asft_normalized", "asft_normalized_rotated", "sft_restore_curvature",
+           "sft_restore_curvature_attack", "sft_restore_lbfgs", "resta", "safemerge"]
     argv = ["--world", str(root), "--harmful_eval", str(root / "eval.jsonl"), "--workdir", str(tmp_path / "cache"),
             "--methods", ",".join(["sft", *new]), "--seeds", "42", "--n", "16", "--epochs", "1", "--rank", "4",
             "--harm_rank", "4", "--harm_n", "16", "--harm_epochs", "1", "--lam_harm", "5", "--lam_normalized", "3",
-            "--safety_n", "16",
-            "--safety_epochs", "1", "--safemerge_threshold", "1.0", "--restore_harmful", "8", "--restore_retain", "8",
+            "--safety_n", "16", "--safety_epochs", "1", "--safemerge_threshold", "1.0", "--restore_harmful", "8", "--restore_retain", "8",
             "--restore_steps", "2", "--target_margin", "0.01", "--trust_region", "0.05", "--cg_max_iter", "3", "--judges", "keyword", "--eval_benign", "2", "--eval_task",
             "4", "--max_new_tokens", "4", "--task_max_new_tokens", "2", "--eval_batch_size", "4", "--replicates",
             "100", "--out_json", str(tmp_path / "res" / "safety.json"),
